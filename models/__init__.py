@@ -1,0 +1,14 @@
+"""The invoice domain and its persistence."""
+
+from models.base import Base
+from models.errors import DomainError, PaymentNotYetKnown
+from models.events import DomainEvent
+from models.invoice import Invoice
+from models.line_item import LineItem
+from models.payment import Payment, PaymentStatus, Refund
+from models.rules import InvoiceStatus
+
+__all__ = [
+    "Base", "DomainError", "DomainEvent", "Invoice", "InvoiceStatus", "LineItem", "Payment", "PaymentNotYetKnown",
+    "PaymentStatus", "Refund",
+]

@@ -1,0 +1,23 @@
+"""Errors of the domain. Each carries the contract's reason code and a sentence a person can act on."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """A rule of the reference forbids the operation: the message is rejected, not retried."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class PaymentNotYetKnown(Exception):
+    """A message names a payment that does not exist yet (it may arrive out of order): retry it."""
+
+    def __init__(self, payment_id: str, invoice_number: str) -> None:
+        super().__init__(f"payment {payment_id} of invoice {invoice_number} is not known yet")
+        self.payment_id = payment_id

@@ -1,0 +1,186 @@
+"""The invoice aggregate: every state, operation and money rule of invoice-api.md.
+
+The operations (in invoice_lifecycle.py and invoice_payments.py) change the invoice in
+memory and record the domain events they caused; they never open a session, query,
+publish or log. A forbidden operation raises DomainError with the contract's reason code
+before it changes anything.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Date, DateTime, Index, Integer, String, Text, Uuid, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from models.base import Base, utcnow
+from models.errors import DomainError
+from models.events import DomainEvent
+from models.invoice_lifecycle import InvoiceLifecycle
+from models.invoice_payments import InvoicePayments
+from models.line_item import LineItem
+from models.money import ZERO, format_money, money, round_money
+from models.payment import MONEY, Payment
+from models.rules import SETTLING, InvoiceStatus, order_discount
+
+S = InvoiceStatus
+JSONDoc = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Invoice(InvoiceLifecycle, InvoicePayments, Base):
+    __tablename__ = "invoices"
+    __table_args__ = (
+        Index("uq_invoices_tenant_number", "tenant_id", "invoice_number", unique=True),
+        Index("uq_invoices_tenant_order_shipment", "tenant_id", "order_id", "shipment_id", unique=True,
+              postgresql_where=text("source = 'order_shipped'")),
+        Index("ix_invoices_tenant_customer", "tenant_id", "customer_id"),
+        Index("ix_invoices_tenant_order", "tenant_id", "order_id"),
+        Index("ix_invoices_tenant_status", "tenant_id", "status"),
+        Index("ix_invoices_tenant_created", "tenant_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(200))
+    invoice_number: Mapped[str] = mapped_column(String(200))
+    order_id: Mapped[str | None] = mapped_column(String(200))
+    order_number: Mapped[str | None] = mapped_column(String(200))
+    shipment_id: Mapped[str] = mapped_column(String(200), default="")
+    # How the invoice came to be: order_shipped, create or import.
+    source: Mapped[str] = mapped_column(String(20), default="create")
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    invoice_date: Mapped[date] = mapped_column(Date)
+    due_date: Mapped[date | None] = mapped_column(Date)
+    payment_terms: Mapped[str | None] = mapped_column(String(50))
+    currency: Mapped[str] = mapped_column(String(3))
+    purchase_order_number: Mapped[str | None] = mapped_column(String(200))
+    notes: Mapped[str | None] = mapped_column(Text)
+    customer_id: Mapped[str | None] = mapped_column(String(200))
+    customer: Mapped[dict[str, Any]] = mapped_column(JSONDoc, default=dict)
+    sales_rep: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    discount: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    tax_amount: Mapped[Decimal] = mapped_column(MONEY, default=ZERO)
+    imported_invoice_total: Mapped[Decimal | None] = mapped_column(MONEY)
+    imported_balance: Mapped[Decimal | None] = mapped_column(MONEY)
+    # Derived amounts, stored so that lists and events need no recomputation.
+    subtotal: Mapped[Decimal] = mapped_column(MONEY, default=ZERO)
+    discount_amount: Mapped[Decimal] = mapped_column(MONEY, default=ZERO)
+    invoice_total: Mapped[Decimal] = mapped_column(MONEY, default=ZERO)
+    amount_paid: Mapped[Decimal] = mapped_column(MONEY, default=ZERO)
+    balance: Mapped[Decimal] = mapped_column(MONEY, default=ZERO)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Per-invoice event counter: every event of this invoice takes the next number.
+    event_sequence: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    line_items: Mapped[list[LineItem]] = relationship(
+        cascade="all, delete-orphan", order_by=LineItem.position, lazy="selectin",
+    )
+    payments: Mapped[list[Payment]] = relationship(
+        back_populates="invoice", cascade="all, delete-orphan", order_by=Payment.created_at, lazy="selectin",
+    )
+
+    __mapper_args__ = {"version_id_col": version}
+
+    # ----------------------------------------------------------------- events
+
+    @property
+    def pending_events(self) -> list[DomainEvent]:
+        """Events recorded by operations since the invoice was loaded or created."""
+        return self.__dict__.setdefault("_pending_events", [])
+
+    def _record(self, type_: str, **data: Any) -> None:
+        self.pending_events.append(DomainEvent(type_, data))
+
+    def _totals(self) -> dict[str, str]:
+        c = self.currency
+        return {
+            "invoiceTotal": format_money(self.invoice_total, c),
+            "amountPaid": format_money(self.amount_paid, c),
+            "balance": format_money(self.balance, c),
+            "currency": c,
+        }
+
+    # ----------------------------------------------------------------- money
+
+    def _recompute(self) -> None:
+        """subtotal = Σ line totals; discount per its type; invoiceTotal = subtotal − discount + tax,
+        or the imported total; amountPaid = completed payments − refunds + the imported paid amount;
+        balance = invoiceTotal − amountPaid."""
+        c = self.currency
+        self.subtotal = round_money(sum((line.line_total for line in self.line_items), ZERO), c)
+        self.discount_amount = order_discount(self.discount, self.subtotal, c)
+        if self.imported_invoice_total is not None:
+            self.invoice_total = self.imported_invoice_total
+        else:
+            self.invoice_total = self.subtotal - self.discount_amount + self.tax_amount
+        self.amount_paid = self.imported_amount_paid + sum((p.net_amount for p in self.payments), ZERO)
+        self.balance = self.invoice_total - self.amount_paid
+
+    @property
+    def imported_amount_paid(self) -> Decimal:
+        if self.imported_invoice_total is None:
+            return ZERO
+        return self.imported_invoice_total - (self.imported_balance if self.imported_balance is not None else self.imported_invoice_total)
+
+    def _follow_balance(self) -> None:
+        """In Issued, PartiallyPaid and Paid the status follows the balance:
+        nothing paid → Issued, part → PartiallyPaid, all → Paid."""
+        if self.status not in SETTLING:
+            return
+        if self.balance <= 0:
+            target = S.PAID
+        elif self.amount_paid <= 0:
+            target = S.ISSUED
+        else:
+            target = S.PARTIALLY_PAID
+        self._move_to(target)
+
+    def _move_to(self, target: InvoiceStatus) -> None:
+        if self.status != target:
+            previous = self.status
+            self.status = target
+            self._record("invoice.status_changed", **{"from": str(previous), "to": str(target)}, **self._totals())
+
+    def _touch(self, now: datetime | None = None) -> None:
+        self.updated_at = now or utcnow()
+
+    # ----------------------------------------------------------------- guards
+
+    def _require(self, allowed: tuple[InvoiceStatus, ...], action: str) -> None:
+        if self.status not in allowed:
+            names = ", ".join(str(s) for s in allowed)
+            raise DomainError(
+                "invalid-state-transition",
+                f"cannot {action} {self.invoice_number}: it is {self.status}; only {names} invoices allow it",
+            )
+
+    def _amount(self, value: Decimal | str | int, field: str = "amount") -> Decimal:
+        amount = money(value, self.currency, field=field)
+        if amount <= 0:
+            raise DomainError("invalid-amount", f"{field} must be greater than zero, got {format_money(amount, self.currency)}")
+        return amount
+
+    def _same_currency(self, currency: str) -> None:
+        if currency != self.currency:
+            raise DomainError(
+                "currency-mismatch",
+                f"{self.invoice_number} is in {self.currency}; a payment in {currency} cannot be applied to it",
+            )
+
+    def payment(self, payment_id: uuid.UUID) -> Payment | None:
+        return next((p for p in self.payments if p.id == payment_id), None)
+
+    # ----------------------------------------------------------------- serialisation
+
+    def to_json(self) -> dict[str, Any]:
+        """The invoice object with the camelCase field names of invoice-api.md."""
+        from models.representation import invoice_json
+
+        return invoice_json(self)

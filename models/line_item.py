@@ -1,0 +1,70 @@
+"""Line items of an invoice: quantity × unitPrice − the line's discount."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import ForeignKey, Integer, Numeric, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base
+from models.errors import DomainError
+from models.money import ZERO, format_money, money, round_money
+from models.payment import MONEY
+
+
+class LineItem(Base):
+    __tablename__ = "line_items"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    sku: Mapped[str | None] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    quantity: Mapped[Decimal] = mapped_column(Numeric(20, 6))
+    unit_price: Mapped[Decimal] = mapped_column(MONEY)
+    discount_amount: Mapped[Decimal] = mapped_column(MONEY, default=ZERO)
+    line_total: Mapped[Decimal] = mapped_column(MONEY)
+
+    def to_input(self) -> dict[str, Any]:
+        """The line as the create body gives it (snake_case), to rebuild or compare it."""
+        return {
+            "sku": self.sku, "description": self.description, "quantity": self.quantity,
+            "unit_price": self.unit_price, "discount_amount": self.discount_amount,
+        }
+
+    def to_json(self, currency: str) -> dict[str, Any]:
+        return {
+            "lineNumber": self.position,
+            "sku": self.sku,
+            "description": self.description,
+            "quantity": str(self.quantity.normalize()) if self.quantity == self.quantity.to_integral() else str(self.quantity),
+            "unitPrice": format_money(self.unit_price, currency),
+            "discountAmount": format_money(self.discount_amount, currency),
+            "lineTotal": format_money(self.line_total, currency),
+        }
+
+
+
+def build_line(position: int, item: dict[str, Any], currency: str) -> LineItem:
+    """A line: quantity × unitPrice − its discount, which may not exceed quantity × unitPrice."""
+    quantity = Decimal(str(item["quantity"]))
+    if not quantity.is_finite() or quantity <= 0:
+        raise DomainError("invalid-line-item", f"line {position}: quantity must be greater than zero")
+    unit_price = money(item["unit_price"], currency, field=f"line {position} unitPrice")
+    if unit_price < 0:
+        raise DomainError("invalid-line-item", f"line {position}: unitPrice may not be negative")
+    line_discount = money(item.get("discount_amount") or ZERO, currency, field=f"line {position} discountAmount")
+    gross = round_money(quantity * unit_price, currency)
+    if line_discount < 0 or line_discount > gross:
+        raise DomainError(
+            "invalid-line-item",
+            f"line {position}: discountAmount {line_discount} must be between 0 and the line's "
+            f"quantity × unitPrice ({gross})",
+        )
+    return LineItem(
+        position=position, sku=item.get("sku"), description=item.get("description"),
+        quantity=quantity, unit_price=unit_price, discount_amount=line_discount, line_total=gross - line_discount,
+    )

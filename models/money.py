@@ -1,0 +1,65 @@
+"""Money: Decimal amounts in a currency's minor unit, rounded half-up. Never a float.
+
+The minor units (ISO 4217 exponents) come from the maintained `iso4217` package.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+
+import iso4217
+
+from models.errors import DomainError
+
+ZERO = Decimal(0)
+
+
+def minor_unit(currency: str) -> int:
+    """Decimals of the currency's minor unit: 2 for USD, 0 for JPY, 3 for BHD."""
+    try:
+        exponent = iso4217.Currency(currency).exponent
+    except (ValueError, KeyError, TypeError):
+        raise DomainError("unknown-currency", f"{currency!r} is not an ISO 4217 currency code") from None
+    if exponent is None:
+        raise DomainError("unknown-currency", f"{currency} is not a currency that invoices can use (it has no minor unit)")
+    return exponent
+
+
+def is_currency(currency: str) -> bool:
+    try:
+        minor_unit(currency)
+    except DomainError:
+        return False
+    return True
+
+
+def _quantum(currency: str) -> Decimal:
+    return Decimal(1).scaleb(-minor_unit(currency))
+
+
+def round_money(amount: Decimal, currency: str) -> Decimal:
+    """Computed amounts are rounded half-up to the currency's minor unit."""
+    return amount.quantize(_quantum(currency), rounding=ROUND_HALF_UP)
+
+
+def money(value: Decimal | int | str, currency: str, *, field: str = "amount") -> Decimal:
+    """A given amount: exact, finite, and with no more decimals than the currency allows."""
+    try:
+        amount = Decimal(value) if not isinstance(value, Decimal) else value
+    except (InvalidOperation, TypeError, ValueError):
+        raise DomainError("invalid-amount", f"{field} {value!r} is not a decimal number") from None
+    if not amount.is_finite():
+        raise DomainError("invalid-amount", f"{field} must be a finite number, got {value}")
+    decimals = minor_unit(currency)
+    exponent = amount.normalize().as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > decimals:
+        raise DomainError(
+            "invalid-amount",
+            f"{field} {amount} has more decimals than {currency} allows ({decimals})",
+        )
+    return round_money(amount, currency)
+
+
+def format_money(amount: Decimal, currency: str) -> str:
+    """The contract's decimal string for an amount: '120.50'."""
+    return str(round_money(amount, currency))

@@ -1,0 +1,117 @@
+"""Configuration from the environment (CONTRACT.md section 9).
+
+A wrong value stops start-up with one line naming the variable: see `load_settings`.
+"""
+
+from __future__ import annotations
+
+import functools
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+DEFAULT_HARD_DECLINE_CODES = ("lost_card", "stolen_card", "pickup_card", "invalid_account", "fraudulent")
+
+
+class ConfigurationError(Exception):
+    """A setting has a value the worker cannot use; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    database_url: str | None = None
+    broker_url: str | None = None
+    callback_signing_secret: str | None = None
+    payment_retry_days: Annotated[tuple[Decimal, ...], NoDecode] = (
+        Decimal(1), Decimal(3), Decimal(5), Decimal(7),
+    )
+    payment_hard_decline_codes: Annotated[tuple[str, ...], NoDecode] = DEFAULT_HARD_DECLINE_CODES
+    # How often Celery beat sends invoices.retry_failed_payments.
+    payment_retry_scan_seconds: float = Field(default=300.0, gt=0)
+    # Published outbox rows are deleted after this many hours.
+    outbox_retention_hours: float = Field(default=168.0, ge=0)
+    # Where the embedded servers keep their data when no URLs are set.
+    data_dir: Path = Path(".data")
+    worker_concurrency: int = Field(default=2, ge=1)
+    # Redis only: how long an unacknowledged message stays invisible before the broker hands it
+    # to another worker. Must exceed the longest task and the longest retry countdown.
+    broker_visibility_timeout: int = Field(default=3600, ge=1)
+    # The longest back-off between two retries of a passing fault, and how many retries.
+    task_retry_backoff_max: int = Field(default=600, ge=1)
+    task_max_retries: int = Field(default=8, ge=0)
+    import_batch_size: int = Field(default=1000, ge=1, le=10_000)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"not a SQLAlchemy URL ({exc})") from None
+        if not url.drivername.startswith("postgresql"):
+            raise ValueError("must be a PostgreSQL URL, e.g. postgresql+psycopg://user:pass@host/db")
+        if url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        return url.render_as_string(hide_password=False)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in {"redis", "rediss", "amqp", "amqps", "pyamqp"}:
+            raise ValueError("must be a redis://, rediss:// or amqp:// URL")
+        return value
+
+    @field_validator("payment_retry_days", mode="before")
+    @classmethod
+    def _parse_retry_days(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            try:
+                days = tuple(Decimal(p) for p in parts)
+            except InvalidOperation:
+                raise ValueError(f"expected comma-separated numbers of days, got {value!r}") from None
+            if any(not d.is_finite() or d < 0 for d in days):
+                raise ValueError(f"days must be finite and not negative, got {value!r}")
+            if list(days) != sorted(days):
+                raise ValueError(f"days must be in ascending order, got {value!r}")
+            return days
+        return value
+
+    @field_validator("payment_hard_decline_codes", mode="before")
+    @classmethod
+    def _parse_codes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @property
+    def uses_embedded_servers(self) -> bool:
+        return self.database_url is None and self.broker_url is None
+
+
+def load_settings() -> Settings:
+    """Read the environment; raise ConfigurationError naming the first bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        variable = str(first["loc"][0]).upper() if first["loc"] else "configuration"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigurationError(f"{variable}: {message}") from None
+
+
+@functools.cache
+def settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
