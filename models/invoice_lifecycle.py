@@ -114,6 +114,12 @@ class InvoiceLifecycle:
             return [line.to_input() for line in self.line_items]
         return getattr(self, name)
 
+    def has_content(self: "Invoice", content: dict[str, Any]) -> bool:
+        """Whether a create body would make this very invoice (its given fields all equal)."""
+        probe = type(self).create(tenant_id=self.tenant_id, invoice_number=self.invoice_number,
+                                  content=content, now=self.created_at)
+        return all(probe._content_value(name) == self._content_value(name) for name in content)
+
     def update(self: "Invoice", changes: dict[str, Any], now: datetime | None = None) -> list[str]:
         """Draft: every field may change. Issued or later: only notes, dueDate, purchaseOrderNumber
         and externalId; other fields are rejected invoice-not-editable. Returns what changed."""

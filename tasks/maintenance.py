@@ -1,0 +1,18 @@
+"""The tasks of the invoices.maintenance queue, sent by Celery beat."""
+
+from __future__ import annotations
+
+from worker import scheduler
+from worker.celery_app import app
+from worker.task_base import InvoiceTask
+
+
+@app.task(name="invoices.retry_failed_payments", base=InvoiceTask, bind=True)
+def retry_failed_payments(self: InvoiceTask, body: object = None, *args: object, **kwargs: object) -> dict:
+    """Section 8: the body carries nothing the scan needs; any given is ignored."""
+    return {"outcome": "applied", **scheduler.retry_failed_payments(scan_id=str(self.request.id))}
+
+
+@app.task(name="invoices.prune_outbox", base=InvoiceTask, bind=True)
+def prune_outbox(self: InvoiceTask, body: object = None, *args: object, **kwargs: object) -> dict:
+    return {"outcome": "applied", "pruned": scheduler.prune_outbox()}

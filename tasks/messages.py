@@ -1,0 +1,275 @@
+"""The message bodies of CONTRACT.md sections 3 and 5, as pydantic schemas (camelCase aliases).
+
+A body is validated whole before anything touches the database; what fails here is
+dead-lettered with every wrong field named.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from models.money import minor_unit
+from tasks.fields import Amount, Currency, Id, Percent, PositiveAmount, Short, Text
+from worker.unit_of_work import InvoiceAddress
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class Info(Schema):
+    """Descriptive objects (customer, sales rep, addresses) keep fields beyond the listed ones."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow", frozen=True)
+
+
+class Address(Info):
+    line1: Short | None = None
+    line2: Short | None = None
+    city: Short | None = None
+    state: Short | None = None
+    postal_code: Short | None = None
+    country: Short | None = None
+
+
+class Customer(Info):
+    customer_id: Short | None = None
+    customer_number: Short | None = None
+    company_name: Short | None = None
+    company_email: Short | None = None
+    company_phone: Short | None = None
+    billing_address: Address | None = None
+    shipping_address: Address | None = None
+
+
+class SalesRep(Info):
+    rep_number: Short | None = None
+    first_name: Short | None = None
+    last_name: Short | None = None
+    full_name: Short | None = None
+    email: Short | None = None
+    phone_number: Short | None = None
+
+
+class LineItemIn(Schema):
+    sku: Short | None = None
+    description: Text | None = None
+    quantity: PositiveAmount
+    unit_price: Amount
+    discount_amount: Amount | None = None
+
+
+class Discount(Schema):
+    code: Short | None = None
+    type: Literal["Percentage", "Amount"]
+    value: Amount
+    description: Text | None = None
+
+    @model_validator(mode="after")
+    def _percentage_range(self) -> "Discount":
+        if self.type == "Percentage" and self.value > 100:
+            raise ValueError("a Percentage discount may not exceed 100")
+        return self
+
+
+class Message(Schema):
+    """Every body: messageId (the idempotency key), tenantId, occurredAt."""
+
+    message_id: Id
+    tenant_id: Id
+    occurred_at: AwareDatetime | None = None
+
+
+def check_decimals(currency: str | None, amounts: dict[str, Decimal | None]) -> None:
+    """An amount may not carry more decimals than its currency's minor unit."""
+    if currency is None:
+        return
+    places = minor_unit(currency)
+    for name, value in amounts.items():
+        if value is not None and -value.normalize().as_tuple().exponent > places:
+            raise ValueError(f"{name} {value} has more decimals than {currency} allows ({places})")
+
+
+class InvoiceContent(Message):
+    """The create body of invoice-api.md."""
+
+    order_id: Id | None = None
+    order_number: Short | None = None
+    invoice_number: Id | None = None
+    external_id: Short | None = None
+    customer: Customer | None = None
+    sales_rep: SalesRep | None = None
+    purchase_order_number: Short | None = None
+    invoice_date: date | None = None
+    due_date: date | None = None
+    payment_terms: Short | None = None
+    currency: Currency | None = None
+    notes: Text | None = None
+    line_items: list[LineItemIn] | None = Field(default=None, max_length=1000)
+    tax_amount: Amount | None = None
+    discount: Discount | None = None
+    imported_invoice_total: Amount | None = None
+    imported_balance: Amount | None = None
+
+    @model_validator(mode="after")
+    def _money_fits_currency(self) -> "InvoiceContent":
+        amounts: dict[str, Decimal | None] = {
+            "taxAmount": self.tax_amount, "importedInvoiceTotal": self.imported_invoice_total,
+            "importedBalance": self.imported_balance,
+        }
+        if self.discount is not None and self.discount.type == "Amount":
+            amounts["discount.value"] = self.discount.value
+        for i, line in enumerate(self.line_items or []):
+            amounts[f"lineItems.{i}.unitPrice"] = line.unit_price
+            amounts[f"lineItems.{i}.discountAmount"] = line.discount_amount
+        check_decimals(self.currency, amounts)
+        return self
+
+    def content(self) -> dict[str, Any]:
+        """The given create fields, snake_case, as the domain takes them."""
+        given = self.model_fields_set - {"message_id", "tenant_id", "occurred_at", "invoice_number", "invoice_id"}
+        result: dict[str, Any] = {}
+        for name in given & set(type(self).content_fields()):
+            value = getattr(self, name)
+            if name in ("customer", "sales_rep") and value is not None:
+                value = value.model_dump(mode="json", by_alias=True, exclude_none=True)
+            elif name == "line_items" and value is not None:
+                value = [line.model_dump() for line in value]
+            elif name == "discount" and value is not None:
+                value = value.model_dump()
+            result[name] = value
+        return result
+
+    @staticmethod
+    def content_fields() -> tuple[str, ...]:
+        return ("order_id", "order_number", "external_id", "customer", "sales_rep", "purchase_order_number",
+                "invoice_date", "due_date", "payment_terms", "currency", "notes", "line_items", "tax_amount",
+                "discount", "imported_invoice_total", "imported_balance")
+
+
+class CreateInvoice(InvoiceContent):
+    currency: Currency
+
+
+class OrderShipped(InvoiceContent):
+    order_id: Id
+    currency: Currency
+    shipment_id: Id | None = None
+    auto_issue: bool = False
+
+
+class Addressed(Message):
+    """A command that names its invoice by invoiceNumber or invoiceId (or both, agreeing)."""
+
+    invoice_number: Id | None = None
+    invoice_id: uuid.UUID | None = None
+
+    @model_validator(mode="after")
+    def _has_address(self) -> "Addressed":
+        if self.invoice_number is None and self.invoice_id is None:
+            raise ValueError("name the invoice by invoiceNumber or invoiceId")
+        return self
+
+    @property
+    def address(self) -> InvoiceAddress:
+        return InvoiceAddress(invoice_number=self.invoice_number, invoice_id=self.invoice_id)
+
+
+class UpdateInvoice(InvoiceContent, Addressed):
+    pass
+
+
+class InvoiceCommand(Addressed):
+    """issue, remove_discount, void, cancel, delete: the address is the whole body."""
+
+
+class ApplyDiscount(Addressed):
+    discount: Discount
+
+
+class RecordPayment(Addressed):
+    amount: PositiveAmount
+    currency: Currency
+    payment_method: Short | None = None
+    payment_date: date | None = None
+    reference_number: Short | None = None
+    notes: Text | None = None
+    payment_profile_id: Short | None = None
+    card_brand: Short | None = None
+    card_last_four: str | None = Field(default=None, pattern=r"^\d{4}$")
+    status: Literal["Completed", "Pending"] = "Completed"
+
+    @model_validator(mode="after")
+    def _decimals(self) -> "RecordPayment":
+        check_decimals(self.currency, {"amount": self.amount})
+        return self
+
+
+class StartHostedPayment(Addressed):
+    payment_id: uuid.UUID
+    amount: PositiveAmount
+    currency: Currency
+    payment_profile_id: Short | None = None
+
+    @model_validator(mode="after")
+    def _decimals(self) -> "StartHostedPayment":
+        check_decimals(self.currency, {"amount": self.amount})
+        return self
+
+
+class CompleteHostedPayment(Addressed):
+    payment_id: uuid.UUID
+
+
+class FailPayment(Addressed):
+    payment_id: uuid.UUID
+    failure_code: Short | None = None
+    failure_reason: Text | None = None
+
+
+class RefundPayment(Addressed):
+    payment_id: uuid.UUID
+    amount: PositiveAmount
+    reference_number: Short | None = None
+    reason: Text | None = None
+
+
+class PaymentCallback(Message):
+    """A WorldPay result relayed to the worker (CONTRACT.md section 7)."""
+
+    provider: Literal["WorldPay"]
+    invoice_number: Id
+    payment_id: uuid.UUID
+    transaction_id: Id
+    result: Literal["Approved", "PartiallyApproved", "Declined", "Error", "Cancelled"]
+    amount: Amount | None = None
+    currency: Currency | None = None
+    response_code: Short | None = None
+    response_message: Text | None = None
+    card_brand: Short | None = None
+    card_last_four: str | None = Field(default=None, pattern=r"^\d{4}$")
+    signature: str | None = Field(default=None, max_length=200)
+
+    @model_validator(mode="after")
+    def _approved_amount(self) -> "PaymentCallback":
+        if self.result in ("Approved", "PartiallyApproved"):
+            if self.amount is None or self.amount <= 0:
+                raise ValueError(f"an {self.result} callback carries the approved amount, greater than zero")
+        check_decimals(self.currency, {"amount": self.amount})
+        return self
+
+    @property
+    def address(self) -> InvoiceAddress:
+        return InvoiceAddress(invoice_number=self.invoice_number)
+
+
+class RetryFailedPayments(BaseModel):
+    """The scheduler's tick: no fields are needed; any given are ignored."""
+
+    model_config = ConfigDict(extra="ignore")

@@ -1,0 +1,106 @@
+"""The Celery app `worker`: JSON only, late acknowledgement, durable queues and routes of
+CONTRACT.md section 2, and the beat schedule of section 8."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from worker.config import ConfigurationError, settings
+
+QUEUES = {
+    "invoices.orders": ("invoices.order_shipped",),
+    "invoices.payments": (
+        "invoices.payment_callback", "invoices.start_hosted_payment", "invoices.complete_hosted_payment",
+        "invoices.fail_payment", "invoices.record_payment", "invoices.refund_payment",
+    ),
+    "invoices.commands": (
+        "invoices.create", "invoices.update", "invoices.issue", "invoices.apply_discount",
+        "invoices.remove_discount", "invoices.void", "invoices.cancel", "invoices.delete",
+    ),
+    "invoices.imports": ("invoices.bulk_import",),
+    "invoices.maintenance": ("invoices.retry_failed_payments", "invoices.prune_outbox"),
+}
+ROUTES = {task: queue for queue, tasks in QUEUES.items() for task in tasks}
+TASK_MODULES = ("tasks.orders", "tasks.commands", "tasks.payments", "tasks.maintenance")
+
+
+def queue_for(task_name: str) -> str:
+    return ROUTES.get(task_name, "invoices.maintenance")
+
+
+def _broker_url() -> str | None:
+    from worker.endpoints import broker_url
+
+    try:
+        return broker_url()
+    except ConfigurationError:
+        return None  # commands that need no broker still import the app
+
+
+def make_app() -> Celery:
+    config = settings()
+    app = Celery("worker")
+    app.conf.update(
+        broker_url=_broker_url(),
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        # At least once: acknowledge after the task ran, and hand the message back when the process running it dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        # Tasks can be long (bulk imports): one message at a time per pool process.
+        worker_prefetch_multiplier=1,
+        worker_concurrency=config.worker_concurrency,
+        task_queues=[Queue(name, Exchange(name, type="direct", durable=True), routing_key=name, durable=True)
+                     for name in QUEUES],
+        task_routes={task: {"queue": queue, "routing_key": queue} for task, queue in ROUTES.items()},
+        task_default_queue="invoices.maintenance",
+        task_create_missing_queues=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={
+            # Redis: a message not acknowledged within this time goes to another worker. It must exceed
+            # the longest task and the longest retry countdown (TASK_RETRY_BACKOFF_MAX).
+            "visibility_timeout": config.broker_visibility_timeout,
+            # AMQP: wait for the broker's confirmation of every publish.
+            "confirm_publish": True,
+        },
+        worker_send_task_events=False,
+        worker_hijack_root_logger=False,
+        worker_consumer="worker.consumer:InvoiceConsumer",
+        imports=TASK_MODULES,
+        beat_schedule={
+            "retry-failed-payments": {
+                "task": "invoices.retry_failed_payments",
+                "schedule": config.payment_retry_scan_seconds,
+                "args": [{}],
+                "options": {"queue": "invoices.maintenance", "expires": config.payment_retry_scan_seconds},
+            },
+            "prune-outbox": {
+                "task": "invoices.prune_outbox",
+                "schedule": 3600.0,
+                "args": [{}],
+                "options": {"queue": "invoices.maintenance", "expires": 3600},
+            },
+        },
+    )
+    return app
+
+
+app = make_app()
+
+
+def publishing_app() -> Celery:
+    """The app, connected to the broker; ConfigurationError when no broker can be found."""
+    from worker.endpoints import broker_url
+
+    url = broker_url()
+    if app.conf.broker_url != url:
+        app.conf.broker_url = url
+    return app
+

@@ -1,0 +1,46 @@
+"""The engine and sessions of this process. Each process (and each forked pool child) makes its own."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.endpoints import database_url
+
+_lock = threading.Lock()
+_engine: Engine | None = None
+_engine_pid: int | None = None
+_sessions: sessionmaker[Session] | None = None
+
+
+def engine() -> Engine:
+    """The process's engine; a forked child never reuses its parent's connections."""
+    global _engine, _engine_pid, _sessions
+    with _lock:
+        if _engine is None or _engine_pid != os.getpid():
+            if _engine is not None:
+                _engine.dispose(close=False)
+            _engine = create_engine(database_url(), pool_size=4, max_overflow=4, pool_pre_ping=True,
+                                    pool_recycle=1800)
+            _engine_pid = os.getpid()
+            _sessions = sessionmaker(_engine, expire_on_commit=False)
+        return _engine
+
+
+def sessions() -> sessionmaker[Session]:
+    engine()
+    assert _sessions is not None
+    return _sessions
+
+
+def reset() -> None:
+    """Forget the engine (tests that change DATABASE_URL, forked children)."""
+    global _engine, _sessions
+    with _lock:
+        if _engine is not None:
+            _engine.dispose()
+        _engine = None
+        _sessions = None

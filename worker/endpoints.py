@@ -1,0 +1,63 @@
+"""Where the database and the broker are.
+
+From the environment when DATABASE_URL / BROKER_URL are set; otherwise from the endpoints file
+that a running `invoice-worker run` writes for its embedded servers, so that commands in
+another shell (publish, invoices get, ...) find them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from worker.config import ConfigurationError, settings
+
+ENDPOINTS_FILE = "endpoints.json"
+
+
+def endpoints_path() -> Path:
+    return settings().data_dir / ENDPOINTS_FILE
+
+
+def write_endpoints(database: str, broker: str) -> None:
+    path = endpoints_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"databaseUrl": database, "brokerUrl": broker, "pid": os.getpid()}))
+
+
+def remove_endpoints() -> None:
+    endpoints_path().unlink(missing_ok=True)
+
+
+def _from_file(key: str) -> str | None:
+    path = endpoints_path()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(data["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None  # the run that wrote it is gone
+    return data.get(key)
+
+
+def database_url() -> str:
+    url = settings().database_url or _from_file("databaseUrl")
+    if not url:
+        raise ConfigurationError(
+            "DATABASE_URL: not set, and no running `invoice-worker run` with embedded servers was found "
+            f"({endpoints_path()}); set it or start `invoice-worker run`"
+        )
+    return url
+
+
+def broker_url() -> str:
+    url = settings().broker_url or _from_file("brokerUrl")
+    if not url:
+        raise ConfigurationError(
+            "BROKER_URL: not set, and no running `invoice-worker run` with embedded servers was found "
+            f"({endpoints_path()}); set it or start `invoice-worker run`"
+        )
+    return url

@@ -1,0 +1,70 @@
+"""The scheduled retry of failed payments (CONTRACT.md section 8) and outbox housekeeping,
+driven by Celery beat through the invoices.maintenance queue."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import delete, select
+
+from models.invoice import Invoice
+from models.payment import Payment
+from worker import db
+from worker.config import settings
+from worker.unit_of_work import UnitOfWork, derived_id
+from worker.records import OutboxEvent
+
+log = logging.getLogger(__name__)
+SCAN_LIMIT = 500
+
+
+def due_retries(now: datetime, limit: int = SCAN_LIMIT) -> list[tuple[uuid.UUID, uuid.UUID, str]]:
+    """(payment, invoice, tenant) of the failed attempts whose next retry is due: one indexed query."""
+    with db.sessions()() as session:
+        rows = session.execute(
+            select(Payment.id, Payment.invoice_id, Invoice.tenant_id)
+            .join(Invoice, Invoice.id == Payment.invoice_id)
+            .where(Payment.next_retry_at.is_not(None), Payment.next_retry_at <= now)
+            .order_by(Payment.next_retry_at)
+            .limit(limit)
+        ).all()
+    return [tuple(row) for row in rows]  # type: ignore[misc]
+
+
+def retry_failed_payments(scan_id: str, now: datetime | None = None) -> dict[str, int]:
+    """Create the next Pending attempt for every due retry, each in its own transaction under the
+    invoice's row lock. The attempt's id derives from the failed one and `retry_of` is unique, so
+    two schedulers or a repeated scan never create two attempts for the same due retry."""
+    now = now or datetime.now(timezone.utc)
+    requested = dropped = 0
+    for payment_id, invoice_id, tenant_id in due_retries(now):
+        with db.sessions()() as session:
+            uow = UnitOfWork(session, tenant_id=tenant_id, message_id=None, task="invoices.retry_failed_payments")
+            invoice = uow.find_by_id(invoice_id)
+            failed = invoice.payment(payment_id) if invoice else None
+            if failed is None or failed.next_retry_at is None or failed.next_retry_at > now:
+                session.rollback()  # another scan took it, or it stopped being due
+                continue
+            retry = invoice.request_retry(failed, derived_id("retry", failed.id), now=now)
+            uow.causation_id = f"{scan_id}:{payment_id}"
+            uow.commit_changes()
+            if retry is None:
+                dropped += 1
+            else:
+                requested += 1
+    if requested or dropped:
+        log.info("retry scan %s: %d retries requested, %d dropped", scan_id, requested, dropped)
+    return {"requested": requested, "dropped": dropped}
+
+
+def prune_outbox(now: datetime | None = None) -> int:
+    """Delete published events older than OUTBOX_RETENTION_HOURS."""
+    now = now or datetime.now(timezone.utc)
+    cutoff = now - timedelta(hours=settings().outbox_retention_hours)
+    with db.sessions().begin() as session:
+        result = session.execute(
+            delete(OutboxEvent).where(OutboxEvent.published_at.is_not(None), OutboxEvent.published_at < cutoff)
+        )
+    return int(result.rowcount or 0)

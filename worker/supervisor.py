@@ -1,0 +1,138 @@
+"""`invoice-worker run`: migrate, then run the Celery worker, Celery beat and the event relay
+as one supervised job, on the embedded servers when no URLs are set. Ctrl-C or SIGTERM stops
+everything (children first, then the embedded servers) and leaves no stray process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from worker.celery_app import QUEUES
+from worker.config import settings
+
+log = logging.getLogger(__name__)
+STOP_GRACE_SECONDS = 6.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = field(default=0.0)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(self.argv, env=env, start_new_session=True)
+        self.started_at = time.monotonic()
+        log.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def children(data_dir: str) -> list[Child]:
+    python = sys.executable
+    host = socket.gethostname()
+    return [
+        Child("worker", [python, "-m", "celery", "-A", "worker", "worker", "-Q", ",".join(QUEUES),
+                         "-n", f"invoice-worker@{host}", "--loglevel", "INFO", "--without-mingle",
+                         "--without-gossip"]),
+        Child("beat", [python, "-m", "celery", "-A", "worker", "beat", "--loglevel", "INFO",
+                       "-s", os.path.join(data_dir, "celerybeat-schedule")]),
+        Child("relay", [python, "-m", "worker.cli", "relay"]),
+    ]
+
+
+def run() -> int:
+    from worker import migrate
+    from worker.embedded import EmbeddedServers
+    from worker.endpoints import remove_endpoints, write_endpoints
+
+    config = settings()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    servers = None
+    database_url, broker_url = config.database_url, config.broker_url
+    if database_url is None or broker_url is None:
+        servers = EmbeddedServers(config.data_dir)
+        if database_url is None:
+            database_url = servers.start_postgres()
+        if broker_url is None:
+            broker_url = servers.start_broker()
+        write_endpoints(database_url, broker_url)
+        print(f"embedded PostgreSQL: {database_url}", flush=True)
+        print(f"embedded Redis-compatible broker: {broker_url}", flush=True)
+    else:
+        print(f"database: {_safe(database_url)}\nbroker: {_safe(broker_url)}", flush=True)
+
+    procs: list[Child] = []
+    try:
+        migrate.upgrade(database_url)
+        print("database schema is current", flush=True)
+        env = {**os.environ, "DATABASE_URL": database_url, "BROKER_URL": broker_url}
+        procs = children(str(config.data_dir.resolve()))
+        for child in procs:
+            child.start(env)
+        print("worker, beat and relay running; Ctrl-C stops them", flush=True)
+        _supervise(procs, env, stop)
+    finally:
+        _stop_children(procs)
+        if servers is not None:
+            remove_endpoints()
+            servers.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+def _supervise(procs: list[Child], env: dict[str, str], stop: threading.Event) -> None:
+    """Restart a child that died on its own, with a growing pause if it keeps dying."""
+    while not stop.wait(0.5):
+        for child in procs:
+            if child.alive():
+                continue
+            code = child.process.returncode if child.process else None
+            quick = time.monotonic() - child.started_at < 10
+            child.restarts = child.restarts + 1 if quick else 0
+            pause = min(2 ** child.restarts, 30)
+            log.warning("%s exited with %s; restarting in %ds", child.name, code, pause)
+            if stop.wait(pause):
+                return
+            child.start(env)
+
+
+def _stop_children(procs: list[Child]) -> None:
+    live = [c for c in procs if c.alive()]
+    for child in live:
+        child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for child in live:
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in time; killing it (its unacknowledged messages are redelivered)", child.name)
+            os.killpg(child.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            child.process.wait()  # type: ignore[union-attr]
+        else:
+            try:  # pool processes of the worker, should any outlive their parent
+                os.killpg(child.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            except ProcessLookupError:
+                pass
+
+
+def _safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]

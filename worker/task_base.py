@@ -1,0 +1,67 @@
+"""The base of every invoice task: late acknowledgement, retries of passing faults with
+exponential back-off and jitter, and the dead-letter store for what cannot be applied."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kombu.exceptions
+from celery import Task
+from pydantic import BaseModel
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from models.errors import PaymentNotYetKnown
+from worker import dead_letters
+from worker.config import settings
+from worker.handling import MalformedMessage, Operation, dead_letter, execute, parse
+
+log = logging.getLogger(__name__)
+
+# Passing faults: the database or broker is away, a conflict outlasted its quick retries, or a
+# message names a payment that has not arrived yet. Celery retries these with back-off.
+TRANSIENT = (OperationalError, InterfaceError, PaymentNotYetKnown, kombu.exceptions.OperationalError,
+             ConnectionError, TimeoutError)
+
+
+class InvoiceTask(Task):
+    abstract = True
+    typing = False  # the body is validated by its schema, so that a wrong call is dead-lettered, not lost
+    acks_late = True
+    reject_on_worker_lost = True
+    autoretry_for = TRANSIENT
+    retry_backoff = 1
+    retry_backoff_max = settings().task_retry_backoff_max
+    retry_jitter = True
+    max_retries = settings().task_max_retries
+
+    def delivery(self, body: Any) -> dead_letters.Delivery:
+        request = self.request
+        headers = {
+            "id": request.id, "task": self.name, "retries": request.retries, "rootId": request.root_id,
+            "parentId": request.parent_id, "origin": getattr(request, "origin", None),
+            "deliveryInfo": dict(request.delivery_info or {}),
+        }
+        return dead_letters.Delivery(str(request.id), self.name, body, headers)
+
+    def handle(self, schema: type[BaseModel], body: Any, operation: Operation,
+               args: tuple = (), kwargs: dict | None = None) -> dict[str, Any]:
+        """Parse the body, apply it once, return its outcome; a malformed body is dead-lettered."""
+        try:
+            message = parse(schema, body, args, kwargs)
+        except MalformedMessage as exc:
+            return dead_letter(self.delivery(body), "malformed", exc.error).to_dict()
+        return execute(self.name, message, operation).to_dict()
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
+        """Retries ran out, or something unexpected broke: keep the message whole for an operator."""
+        body = args[0] if len(args) == 1 and not kwargs else {"args": list(args), "kwargs": kwargs}
+        reason = "payment-unknown" if isinstance(exc, PaymentNotYetKnown) else (
+            "retries-exhausted" if isinstance(exc, TRANSIENT) else "task-error")
+        error = f"{type(exc).__name__}: {exc}"
+        try:
+            dead_letter(self.delivery(body), reason, error)
+        except Exception:
+            # The store is away too. Send the message round again later rather than lose it.
+            log.exception("cannot dead-letter %s %s; sending it again", self.name, task_id)
+            self.apply_async(args=args, kwargs=kwargs, countdown=settings().task_retry_backoff_max)

@@ -1,0 +1,225 @@
+"""The unit of work: one transaction per message holding the change, its inbox record and its
+outbox events, so that a message is applied at most once and its events exist iff it committed."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from models.errors import DomainError
+from models.invoice import Invoice
+from models.rules import invoice_number_for
+from worker.records import InboxMessage, InvoiceNumberSequence, OutboxEvent
+
+
+@dataclass
+class Outcome:
+    """How a message ended: applied, duplicate, rejected or dead-lettered (CONTRACT.md section 4)."""
+
+    outcome: str
+    message_id: str | None
+    reason: str | None = None
+    detail: str | None = None
+    invoice_id: uuid.UUID | None = None
+    invoice_number: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        result = {"outcome": self.outcome, "messageId": self.message_id}
+        if self.reason:
+            result["reason"] = self.reason
+        if self.detail:
+            result["detail"] = self.detail
+        if self.invoice_id:
+            result["invoiceId"] = str(self.invoice_id)
+        if self.invoice_number:
+            result["invoiceNumber"] = self.invoice_number
+        return {**result, **self.extra}
+
+
+@dataclass(frozen=True)
+class InvoiceAddress:
+    """Commands name their invoice by invoiceNumber or invoiceId (or both, agreeing)."""
+
+    invoice_number: str | None = None
+    invoice_id: uuid.UUID | None = None
+
+    def describe(self) -> str:
+        return self.invoice_number or str(self.invoice_id)
+
+
+ID_NAMESPACE = uuid.UUID("5d6f0c1e-8a7b-4c3d-9e2f-1a0b2c3d4e5f")
+
+
+def derived_id(*parts: object) -> uuid.UUID:
+    """A stable id from the message that creates a thing: a replay creates the same id."""
+    return uuid.uuid5(ID_NAMESPACE, "\x1f".join(str(p) for p in parts))
+
+
+def event_envelope(*, type_: str, tenant_id: str, invoice_id: uuid.UUID | None, invoice_number: str | None,
+                   sequence: int | None, causation_id: str | None, data: dict[str, Any]) -> dict[str, Any]:
+    """The published shape of every event (CONTRACT.md section 6)."""
+    now = datetime.now(timezone.utc)
+    return {
+        "eventId": str(uuid.uuid4()), "type": type_, "tenantId": tenant_id,
+        "invoiceId": str(invoice_id) if invoice_id else None, "invoiceNumber": invoice_number,
+        "sequence": sequence, "occurredAt": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "causationId": causation_id, "data": data,
+    }
+
+
+class UnitOfWork:
+    def __init__(self, session: Session, *, tenant_id: str, message_id: str | None, task: str) -> None:
+        self.session = session
+        self.tenant_id = tenant_id
+        self.message_id = message_id
+        self.task = task
+        # What caused the events: the messageId, or the scheduler's scan for its own changes.
+        self.causation_id = message_id
+        self._touched: list[Invoice] = []
+
+    # ----------------------------------------------------------------- inbox
+
+    def claim(self) -> Outcome | None:
+        """Record the messageId as taken. When another copy already took it, return that copy's
+        outcome as a duplicate (waiting for a concurrent copy's transaction to finish first)."""
+        if self.message_id is None:
+            return None
+        inserted = self.session.execute(
+            insert(InboxMessage)
+            .values(tenant_id=self.tenant_id, message_id=self.message_id, task=self.task, outcome="applied")
+            .on_conflict_do_nothing()
+            .returning(InboxMessage.message_id)
+        ).first()
+        if inserted is not None:
+            return None
+        first = self.session.get(InboxMessage, (self.tenant_id, self.message_id))
+        assert first is not None
+        return Outcome("duplicate", self.message_id, reason=first.reason, invoice_id=first.invoice_id,
+                       invoice_number=first.invoice_number,
+                       extra={"firstOutcome": first.outcome, **(first.result or {})})
+
+    def record(self, outcome: Outcome) -> None:
+        if self.message_id is None:
+            return
+        self.session.execute(
+            update(InboxMessage)
+            .where(InboxMessage.tenant_id == self.tenant_id, InboxMessage.message_id == self.message_id)
+            .values(outcome=outcome.outcome, reason=outcome.reason, detail=outcome.detail,
+                    invoice_id=outcome.invoice_id, invoice_number=outcome.invoice_number,
+                    result=outcome.extra or None)
+        )
+
+    # ----------------------------------------------------------------- invoices
+
+    def find(self, address: InvoiceAddress, *, lock: bool = True) -> Invoice | None:
+        """The tenant's invoice at that address, locked against concurrent changes."""
+        query = select(Invoice).where(Invoice.tenant_id == self.tenant_id)
+        if address.invoice_id is not None:
+            query = query.where(Invoice.id == address.invoice_id)
+        if address.invoice_number is not None:
+            query = query.where(Invoice.invoice_number == address.invoice_number)
+        if lock:
+            query = query.with_for_update()
+        return self.session.scalars(query).first()
+
+    def find_by_id(self, invoice_id: uuid.UUID) -> Invoice | None:
+        invoice = self.find(InvoiceAddress(invoice_id=invoice_id))
+        if invoice is not None:
+            self._touched.append(invoice)
+        return invoice
+
+    def find_order_invoice(self, order_id: str, shipment_id: str | None) -> Invoice | None:
+        """The invoice an order_shipped message already made for (tenant, orderId, shipmentId)."""
+        return self.session.scalars(
+            select(Invoice).where(
+                Invoice.tenant_id == self.tenant_id, Invoice.source == "order_shipped",
+                Invoice.order_id == order_id, Invoice.shipment_id == (shipment_id or ""),
+            )
+        ).first()
+
+    def invoice(self, address: InvoiceAddress) -> Invoice:
+        invoice = self.find(address)
+        if invoice is None:
+            if address.invoice_id is not None and address.invoice_number is not None and self.find(
+                InvoiceAddress(invoice_id=address.invoice_id), lock=False
+            ):
+                raise DomainError("invoice-address-mismatch",
+                                  f"invoiceId {address.invoice_id} and invoiceNumber {address.invoice_number} name different invoices")
+            raise DomainError("invoice-not-found", f"tenant {self.tenant_id} has no invoice {address.describe()}")
+        self._touched.append(invoice)
+        return invoice
+
+    def add(self, invoice: Invoice) -> Invoice:
+        self.session.add(invoice)
+        self._touched.append(invoice)
+        return invoice
+
+    def track(self, invoice: Invoice) -> Invoice:
+        """Collect the events of an invoice loaded some other way (bulk paths)."""
+        self._touched.append(invoice)
+        return invoice
+
+    def next_invoice_number(self) -> str:
+        """The next number of the tenant's gap-free sequence. The counter row stays locked until
+        commit, and a rolled-back transaction gives its number back. Numbers that an import or a
+        publisher already took are skipped."""
+        while True:
+            value = self.session.execute(
+                insert(InvoiceNumberSequence)
+                .values(tenant_id=self.tenant_id, last_value=1)
+                .on_conflict_do_update(index_elements=["tenant_id"],
+                                       set_={"last_value": InvoiceNumberSequence.last_value + 1})
+                .returning(InvoiceNumberSequence.last_value)
+            ).scalar_one()
+            number = invoice_number_for(value)
+            taken = self.session.scalar(
+                select(Invoice.id).where(Invoice.tenant_id == self.tenant_id, Invoice.invoice_number == number)
+            )
+            if taken is None:
+                return number
+
+    # ----------------------------------------------------------------- outbox and commit
+
+    def emit(self, type_: str, data: dict[str, Any], invoice: Invoice | None = None, *,
+             invoice_id: uuid.UUID | None = None, invoice_number: str | None = None) -> None:
+        """Write one event to the outbox. An invoice's events take its next sequence number; an
+        event that only names an invoice (command.rejected) has no sequence: nothing of it changed."""
+        sequence = None
+        if invoice is not None:
+            invoice.event_sequence += 1
+            sequence = invoice.event_sequence
+            invoice_id, invoice_number = invoice.id, invoice.invoice_number
+        payload = event_envelope(
+            type_=type_, tenant_id=self.tenant_id, invoice_id=invoice_id, invoice_number=invoice_number,
+            sequence=sequence, causation_id=self.causation_id, data=data,
+        )
+        self.session.add(OutboxEvent(
+            event_id=uuid.UUID(payload["eventId"]), type=type_, tenant_id=self.tenant_id, invoice_id=invoice_id,
+            sequence=sequence, causation_id=self.causation_id, payload=payload,
+        ))
+
+    def flush_events(self) -> None:
+        for invoice in dict.fromkeys(self._touched):
+            for event in invoice.pending_events:
+                self.emit(event.type, event.data, invoice)
+            invoice.pending_events.clear()
+            if invoice.is_deleted:
+                self.session.delete(invoice)
+
+    def commit_changes(self) -> None:
+        """Commit the touched invoices and their events, with no inbox record (scheduler work)."""
+        self.flush_events()
+        self.session.commit()
+
+    def commit(self, outcome: Outcome) -> Outcome:
+        self.flush_events()
+        self.record(outcome)
+        self.session.commit()
+        return outcome
