@@ -3,6 +3,8 @@ CONTRACT.md section 2, and the beat schedule of section 8."""
 
 from __future__ import annotations
 
+import sys
+
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -92,7 +94,11 @@ def make_app() -> Celery:
     return app
 
 
-app = make_app()
+try:
+    app = make_app()
+except ConfigurationError as exc:  # `celery -A worker …` with a wrong setting: one line, no traceback
+    sys.stderr.write(f"configuration error: {exc}\n")
+    raise SystemExit(2) from None
 
 
 def publishing_app() -> Celery:

@@ -6,11 +6,14 @@ import json
 import logging
 import sys
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from worker.config import ConfigurationError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class Group(click.Group):
@@ -102,6 +105,13 @@ def publish(task: str, source: Any) -> None:
     click.echo(json.dumps({"task": task, "queue": queue_for(task), "messageId": body["messageId"]}))
 
 
+def console() -> "Console":
+    """Rich output; when piped (no terminal), wide enough that tables are not cut."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def main() -> None:
     from worker.config import load_settings
 
@@ -115,4 +125,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m worker.cli`: use the module's importable twin, where the commands register.
+    from worker.cli import main as importable_main
+
+    importable_main()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from models.queries import AmbiguousInvoice, get_invoice, list_invoices
 from models.rules import InvoiceStatus
 from worker import db
-from worker.cli import cli
+from worker.cli import cli, console
 
 
 @cli.group()
@@ -45,7 +44,7 @@ def list_command(tenant: str | None, customer_id: str | None, order_id: str | No
             table.add_row(i.tenant_id, i.invoice_number, j["status"], i.customer_id or "", i.order_id or "",
                           j["invoiceDate"] or "", j["dueDate"] or "", f"{j['invoiceTotal']} {i.currency}",
                           j["amountPaid"], j["balance"])
-        Console().print(table)
+        console().print(table)
 
 
 @invoices.command("get")
@@ -65,20 +64,20 @@ def get_command(invoice: str, tenant: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    console = Console()
-    console.print(f"[bold]{data['invoiceNumber']}[/bold]  {data['status']}  tenant {data['tenantId']}  id {data['id']}")
-    console.print(f"order {data['orderId']} ({data['orderNumber']})  customer {data['customer'].get('companyName') or data['customer'].get('customerId')}")
-    console.print(f"date {data['invoiceDate']}  due {data['dueDate']}  terms {data['paymentTerms']}")
+    out = console()
+    out.print(f"[bold]{data['invoiceNumber']}[/bold]  {data['status']}  tenant {data['tenantId']}  id {data['id']}")
+    out.print(f"order {data['orderId']} ({data['orderNumber']})  customer {data['customer'].get('companyName') or data['customer'].get('customerId')}")
+    out.print(f"date {data['invoiceDate']}  due {data['dueDate']}  terms {data['paymentTerms']}")
     lines = Table("#", "sku", "description", "qty", "unit price", "discount", "total")
     for line in data["lineItems"]:
         lines.add_row(str(line["lineNumber"]), line["sku"] or "", line["description"] or "", line["quantity"],
                       line["unitPrice"], line["discountAmount"], line["lineTotal"])
-    console.print(lines)
-    console.print(f"subtotal {data['subtotal']}  discount {data['discountAmount']}  tax {data['taxAmount']}  "
+    out.print(lines)
+    out.print(f"subtotal {data['subtotal']}  discount {data['discountAmount']}  tax {data['taxAmount']}  "
                   f"total {data['invoiceTotal']} {data['currency']}  paid {data['amountPaid']}  balance {data['balance']}")
     if data["payments"]:
         payments = Table("payment", "status", "amount", "method", "refunded", "failure")
         for p in data["payments"]:
             payments.add_row(p["paymentId"], p["status"], p["amount"], p["paymentMethod"] or p["provider"] or "",
                              p["refundedAmount"], p["failureCode"] or "")
-        console.print(payments)
+        out.print(payments)

@@ -7,11 +7,10 @@ import uuid
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from worker import dead_letters
-from worker.cli import cli
+from worker.cli import cli, console
 
 
 @cli.group("dead-letters")
@@ -32,7 +31,7 @@ def dl_list(status: str, limit: int, as_json: bool) -> None:
     for r in rows:
         table.add_row(str(r.id), r.task_name, r.message_id or "", r.reason, str(r.attempts),
                       r.last_seen.isoformat(timespec="seconds"), r.status, r.error[:80])
-    Console().print(table)
+    console().print(table)
 
 
 def _row(dead_letter_id: int) -> Any:

@@ -1,0 +1,325 @@
+"""Fixtures: real PostgreSQL and a real Redis-protocol broker, started once per test session
+(embedded, or DATABASE_URL / BROKER_URL when set), a fresh database per session, cleanup
+between tests, and real Celery worker and relay processes for end-to-end tests.
+
+Unit tests (tests/unit) use none of this and need no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Settings every process of the test session shares: quick retries so that "retries ran out"
+# happens within a test, and a short visibility timeout so a killed worker's message returns.
+TEST_ENV = {
+    "TASK_MAX_RETRIES": "3",
+    "TASK_RETRY_BACKOFF_MAX": "1",
+    "BROKER_VISIBILITY_TIMEOUT": "20",
+    "WORKER_CONCURRENCY": "2",
+}
+TABLES = ("refunds", "payments", "line_items", "invoices", "inbox", "outbox", "dead_letters",
+          "invoice_number_sequences")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll until predicate() is truthy; fail the test with `what` when it never is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def urls() -> Iterator[dict[str, str]]:
+    """DATABASE_URL and BROKER_URL of this session: a fresh database on the given or embedded server."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    servers = None
+    database_url, broker_url = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
+    if not database_url or not broker_url:
+        from worker.embedded import EmbeddedServers
+
+        servers = EmbeddedServers(Path(tempfile.mkdtemp(prefix="invoice-test-")), ephemeral=True)
+        database_url = database_url or servers.start_postgres()
+        broker_url = broker_url or servers.start_broker()
+    base = make_url(database_url)
+    name = f"invoice_test_{uuid.uuid4().hex[:10]}"
+    admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    test_url = base.set(database=name).render_as_string(hide_password=False)
+    saved = {k: os.environ.get(k) for k in ("DATABASE_URL", "BROKER_URL", *TEST_ENV)}
+    os.environ.update({"DATABASE_URL": test_url, "BROKER_URL": broker_url, **TEST_ENV})
+    _reload_settings()
+    from worker.migrate import upgrade
+
+    upgrade(test_url)
+    try:
+        yield {"DATABASE_URL": test_url, "BROKER_URL": broker_url}
+    finally:
+        from worker import db
+
+        db.reset()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if servers is not None:
+            servers.stop()
+
+
+def _reload_settings() -> None:
+    from worker import db
+    from worker.celery_app import app
+    from worker.config import settings
+
+    settings.cache_clear()
+    db.reset()
+    app.conf.broker_url = os.environ["BROKER_URL"]
+
+
+@pytest.fixture
+def database(urls: dict[str, str]) -> Iterator[str]:
+    """A clean database for one test (every table emptied), as its SQLAlchemy URL."""
+    from sqlalchemy import text
+
+    from worker import db
+
+    with db.engine().begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    yield urls["DATABASE_URL"]
+
+
+@pytest.fixture
+def session(database: str) -> Iterator[Any]:
+    from worker import db
+
+    with db.sessions()() as s:
+        yield s
+
+
+@pytest.fixture
+def broker(urls: dict[str, str]) -> Iterator[str]:
+    """The broker URL, with the worker's queues emptied before the test."""
+    from kombu import Connection
+
+    from worker.celery_app import QUEUES
+
+    with Connection(urls["BROKER_URL"]) as conn:
+        channel = conn.default_channel
+        for name in QUEUES:
+            try:
+                channel.queue_purge(name)
+            except Exception:
+                pass
+    yield urls["BROKER_URL"]
+
+
+class Processes:
+    """Worker and relay subprocesses of one test or session, stopped at the end."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env = env
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen] = []
+
+    def _spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None) -> tuple[subprocess.Popen, Path]:
+        log = self.logdir / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **self.env, **(extra_env or {})},
+                                stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc, log
+
+    def worker(self, *, concurrency: int = 2, queues: str | None = None, name: str | None = None,
+               extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        from worker.celery_app import QUEUES
+
+        node = name or f"test-{uuid.uuid4().hex[:6]}@localhost"
+        proc, log = self._spawn("worker", [
+            sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", queues or ",".join(QUEUES),
+            "-c", str(concurrency), "-n", node, "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+            "--without-heartbeat",
+        ], extra_env)
+        wait_for(lambda: b" ready." in log.read_bytes() or proc.poll() is not None, 60, what="the worker to start")
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited at start:\n{log.read_text()[-3000:]}")
+        proc.log = log  # type: ignore[attr-defined]
+        return proc
+
+    def relay(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        proc, log = self._spawn("relay", [sys.executable, "-m", "worker.cli", "relay"], extra_env)
+        wait_for(lambda: b"relay: publishing" in log.read_bytes() or proc.poll() is not None, 30,
+                 what="the relay to start")
+        proc.log = log  # type: ignore[attr-defined]
+        return proc
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # pool children left behind
+        except ProcessLookupError:
+            pass
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+
+
+@pytest.fixture
+def processes(urls: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
+    """Start worker and relay processes of this test's own; all are stopped afterwards."""
+    procs = Processes(dict(urls), tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture(scope="session")
+def _shared_processes(urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    procs = Processes(dict(urls), tmp_path_factory.mktemp("shared-processes"))
+    procs.worker(name="shared@localhost")
+    procs.relay()
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture
+def running(_shared_processes: Processes, database: str, broker: str) -> Processes:
+    """A real Celery worker (2 processes) and the event relay, shared by the session's end-to-end
+    tests, over a clean database."""
+    for proc in _shared_processes.procs:
+        assert proc.poll() is None, f"a shared process died: {proc.args}"
+    return _shared_processes
+
+
+def send(task: str, body: Any) -> str:
+    """Publish a task as any upstream service would; returns the body's messageId."""
+    from worker.celery_app import app, queue_for
+
+    app.send_task(task, args=[body], queue=queue_for(task))
+    return body.get("messageId") if isinstance(body, dict) else None
+
+
+def outcome_of(tenant_id: str, message_id: str) -> dict[str, Any] | None:
+    from sqlalchemy import select
+
+    from worker import db
+    from worker.records import InboxMessage
+
+    with db.sessions()() as s:
+        row = s.get(InboxMessage, (tenant_id, message_id))
+        if row is None:
+            return None
+        return {"outcome": row.outcome, "reason": row.reason, "detail": row.detail,
+                "invoiceNumber": row.invoice_number, "invoiceId": row.invoice_id}
+
+
+def wait_outcome(tenant_id: str, message_id: str, timeout: float = 30) -> dict[str, Any]:
+    return wait_for(lambda: outcome_of(tenant_id, message_id), timeout, what=f"the outcome of {message_id}")
+
+
+def dead_letters_of(message_id: str | None = None, task: str | None = None) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from worker import db, dead_letters
+    from worker.records import DeadLetter
+
+    with db.sessions()() as s:
+        query = select(DeadLetter).order_by(DeadLetter.id)
+        if message_id is not None:
+            query = query.where(DeadLetter.message_id == message_id)
+        if task is not None:
+            query = query.where(DeadLetter.task_name == task)
+        return [dead_letters.to_json(r) for r in s.scalars(query)]
+
+
+def invoice_json(tenant_id: str, reference: str) -> dict[str, Any] | None:
+    from models.queries import get_invoice
+    from worker import db
+
+    with db.sessions()() as s:
+        found = get_invoice(s, reference, tenant_id)
+        return found.to_json() if found else None
+
+
+def order_body(tenant: str = "acme", **overrides: Any) -> dict[str, Any]:
+    """The sample order_shipped body of examples/, with a fresh messageId and orderId."""
+    body = json.loads((ROOT / "examples" / "order_shipped.json").read_text())
+    body.update({"tenantId": tenant, "messageId": f"m-{uuid.uuid4()}", "orderId": f"ORD-{uuid.uuid4().hex[:8]}"})
+    body.update(overrides)
+    return body
+
+
+class EventCollector:
+    """A plain kombu consumer on its own queue bound to invoices.events (no project code)."""
+
+    def __init__(self, broker_url: str, routing_key: str = "#") -> None:
+        from kombu import Connection, Exchange, Queue
+
+        self.conn = Connection(broker_url)
+        self.exchange = Exchange("invoices.events", type="topic", durable=True)
+        self.queue = Queue(f"test-events-{uuid.uuid4().hex[:8]}", self.exchange, routing_key=routing_key,
+                           durable=False)
+        self.queue(self.conn.default_channel).declare()
+        self.events: list[dict[str, Any]] = []
+
+    def drain(self, until: Callable[[list[dict[str, Any]]], bool] = lambda e: False, timeout: float = 10) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        bound = self.queue(self.conn.default_channel)
+        while time.monotonic() < deadline:
+            message = bound.get(no_ack=True, accept=["json"])
+            if message is None:
+                if until(self.events):
+                    break
+                time.sleep(0.02)
+                continue
+            assert message.content_type == "application/json"
+            self.events.append(message.decode())
+        return self.events
+
+    def close(self) -> None:
+        try:
+            self.queue(self.conn.default_channel).delete()
+        finally:
+            self.conn.release()
+
+
+@pytest.fixture
+def events(broker: str) -> Iterator[EventCollector]:
+    collector = EventCollector(broker)
+    try:
+        yield collector
+    finally:
+        collector.close()
