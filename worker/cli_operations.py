@@ -62,7 +62,9 @@ def dl_replay(dead_letter_id: int, body_file: Any, as_json: bool) -> None:
     row = _row(dead_letter_id)
     if row.status == "discarded":
         raise click.ClickException(f"dead letter {dead_letter_id} was discarded")
-    body = json.load(body_file) if body_file else row.body
+    body = json.load(body_file) if body_file else dead_letters.original_body(row.body)
+    if isinstance(body, bytes):
+        raise click.ClickException(f"dead letter {dead_letter_id} was not JSON; give a corrected body with --body")
     task_id = str(uuid.uuid4())
     app.send_task(row.task_name, args=[body], queue=queue_for(row.task_name), task_id=task_id)
     dead_letters.set_status(dead_letter_id, "replayed")

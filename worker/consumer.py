@@ -15,11 +15,14 @@ log = logging.getLogger(__name__)
 
 def _delivery(message: Any, body: Any) -> dead_letters.Delivery:
     headers = dict(message.headers or {})
+    if body is None:  # protocol 2 leaves decoding to the pool; decode here to keep the body whole
+        try:
+            body = message.decode()
+        except Exception:
+            body = message.body
     if isinstance(body, (list, tuple)) and body and isinstance(body[0], (list, tuple)):
         args = list(body[0])
         body = args[0] if len(args) == 1 else {"args": args}
-    if isinstance(body, bytes):
-        body = {"raw": body.decode("utf-8", errors="replace"), "contentType": message.content_type}
     delivery_id = str(headers.get("id") or message.delivery_tag or id(message))
     return dead_letters.Delivery(delivery_id, str(headers.get("task") or "?"), body,
                                  {**headers, "contentType": message.content_type})

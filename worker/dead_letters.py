@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +25,25 @@ class Delivery:
 
 
 def jsonable(value: Any) -> Any:
-    """Bodies are stored as received; anything JSON cannot hold is kept as its repr."""
+    """Bodies are stored as received. Bytes, and JSON that PostgreSQL's jsonb cannot hold (NUL
+    characters), are kept exactly as base64; `original_body` gives them back."""
+    if isinstance(value, (bytes, bytearray)):
+        return {"base64": base64.b64encode(bytes(value)).decode("ascii"), "encoding": "bytes"}
     try:
-        json.dumps(value)
-        return value
+        text = json.dumps(value)
     except (TypeError, ValueError):
         return {"unserialisable": repr(value)}
+    if "\\u0000" in text:
+        return {"base64": base64.b64encode(text.encode("utf-8")).decode("ascii"), "encoding": "json"}
+    return value
+
+
+def original_body(stored: Any) -> Any:
+    """The body as it was received, undoing `jsonable`'s base64 wrapping."""
+    if isinstance(stored, dict) and set(stored) == {"base64", "encoding"}:
+        raw = base64.b64decode(stored["base64"])
+        return json.loads(raw) if stored["encoding"] == "json" else raw
+    return stored
 
 
 def store(delivery: Delivery, *, reason: str, error: str) -> None:
