@@ -285,12 +285,12 @@ def order_body(tenant: str = "acme", **overrides: Any) -> dict[str, Any]:
 class EventCollector:
     """A plain kombu consumer on its own queue bound to invoices.events (no project code)."""
 
-    def __init__(self, broker_url: str, routing_key: str = "#") -> None:
+    def __init__(self, broker_url: str, routing_key: str = "#", queue_name: str | None = None) -> None:
         from kombu import Connection, Exchange, Queue
 
         self.conn = Connection(broker_url)
         self.exchange = Exchange("invoices.events", type="topic", durable=True)
-        self.queue = Queue(f"test-events-{uuid.uuid4().hex[:8]}", self.exchange, routing_key=routing_key,
+        self.queue = Queue(queue_name or f"test-events-{uuid.uuid4().hex[:8]}", self.exchange, routing_key=routing_key,
                            durable=False)
         self.queue(self.conn.default_channel).declare()
         self.events: list[dict[str, Any]] = []

@@ -83,7 +83,9 @@ def relay() -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    Relay(database_url(), broker_url()).run(stop)
+    from worker.config import settings
+
+    Relay(database_url(), broker_url(), batch=settings().relay_batch_size).run(stop)
 
 
 @cli.command()

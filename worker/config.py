@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # The longest back-off between two retries of a passing fault, and how many retries.
     task_retry_backoff_max: int = Field(default=600, ge=1)
     task_max_retries: int = Field(default=8, ge=0)
+    # How many outbox rows the relay publishes per transaction.
+    relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     import_batch_size: int = Field(default=1000, ge=1, le=10_000)
 
     @field_validator("database_url")

@@ -1,0 +1,56 @@
+"""`invoice-worker dead-letters list|show|replay|discard`: an operator's view of the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT, dead_letters_of, send, wait_for, wait_outcome
+from tests.end_to_end.test_delivery import issued_invoice
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=os.environ.copy(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_list_show_replay_and_discard(running, tmp_path):
+    invoice = issued_invoice("t-dl")
+    broken = {"messageId": "dl-1", "tenantId": "t-dl", "invoiceNumber": invoice["invoiceNumber"], "amount": "abc",
+              "currency": "USD"}
+    other = {"messageId": "dl-2", "tenantId": "t-dl"}
+    send("invoices.record_payment", broken)
+    send("invoices.issue", other)
+    wait_for(lambda: len(dead_letters_of()) >= 2, 20, what="two dead letters")
+
+    listed = json.loads(cli("dead-letters", "list", "--json").stdout)
+    assert {d["messageId"] for d in listed} == {"dl-1", "dl-2"}
+    first = next(d for d in listed if d["messageId"] == "dl-1")
+    assert first["reason"] == "malformed" and "amount" in first["error"]
+    assert "dl-1" in cli("dead-letters", "list").stdout
+
+    shown = json.loads(cli("dead-letters", "show", str(first["id"]), "--json").stdout)
+    assert shown["body"] == broken and shown["taskName"] == "invoices.record_payment"
+    assert shown["attempts"] == 1 and shown["status"] == "open"
+
+    # Replay the stored body as it is: still malformed, so it comes back as a new dead letter.
+    replayed = json.loads(cli("dead-letters", "replay", str(first["id"]), "--json").stdout)
+    assert replayed["task"] == "invoices.record_payment"
+    wait_for(lambda: len(dead_letters_of(message_id="dl-1")) == 2, 20, what="the replayed copy")
+    # Replay a corrected body: it applies.
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps({**broken, "amount": "12.60"}))
+    assert cli("dead-letters", "replay", str(first["id"]), "--body", str(fixed)).returncode == 0
+    assert wait_outcome("t-dl", "dl-1")["outcome"] == "applied"
+
+    second = next(d for d in listed if d["messageId"] == "dl-2")
+    assert cli("dead-letters", "discard", str(second["id"])).returncode == 0
+    assert json.loads(cli("dead-letters", "show", str(second["id"]), "--json").stdout)["status"] == "discarded"
+    refused = cli("dead-letters", "replay", str(second["id"]))
+    assert refused.returncode != 0 and "discarded" in refused.stderr
+    open_ids = {d["id"] for d in json.loads(cli("dead-letters", "list", "--json").stdout)}
+    assert second["id"] not in open_ids and first["id"] not in open_ids
+    missing = cli("dead-letters", "show", "999999")
+    assert missing.returncode != 0 and "no dead letter 999999" in missing.stderr

