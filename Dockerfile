@@ -1,0 +1,13 @@
+FROM python:3.11-slim
+WORKDIR /app
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+COPY pyproject.toml README.md ./
+COPY worker ./worker
+COPY tasks ./tasks
+COPY models ./models
+RUN pip install .
+COPY examples ./examples
+# Run as an unprivileged user.
+RUN useradd --create-home invoice && chown -R invoice /app
+USER invoice
+CMD ["celery", "-A", "worker", "worker", "--loglevel", "INFO", "-Q", "invoices.orders,invoices.payments,invoices.commands,invoices.imports,invoices.maintenance"]
