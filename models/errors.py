@@ -7,7 +7,7 @@ class DomainError(Exception):
     """A rule of the reference forbids the operation: the message is rejected, not retried."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(code, message)  # both in args, so that the error pickles across processes
         self.code = code
         self.message = message
 
@@ -19,5 +19,9 @@ class PaymentNotYetKnown(Exception):
     """A message names a payment that does not exist yet (it may arrive out of order): retry it."""
 
     def __init__(self, payment_id: str, invoice_number: str) -> None:
-        super().__init__(f"payment {payment_id} of invoice {invoice_number} is not known yet")
+        super().__init__(payment_id, invoice_number)  # both in args, so that the error pickles
         self.payment_id = payment_id
+        self.invoice_number = invoice_number
+
+    def __str__(self) -> str:
+        return f"payment {self.payment_id} of invoice {self.invoice_number} is not known yet"

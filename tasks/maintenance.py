@@ -10,9 +10,9 @@ from worker.task_base import InvoiceTask
 @app.task(name="invoices.retry_failed_payments", base=InvoiceTask, bind=True)
 def retry_failed_payments(self: InvoiceTask, body: object = None, *args: object, **kwargs: object) -> dict:
     """Section 8: the body carries nothing the scan needs; any given is ignored."""
-    return {"outcome": "applied", **scheduler.retry_failed_payments(scan_id=str(self.request.id))}
+    return self.retrying(lambda: {"outcome": "applied", **scheduler.retry_failed_payments(scan_id=str(self.request.id))})
 
 
 @app.task(name="invoices.prune_outbox", base=InvoiceTask, bind=True)
 def prune_outbox(self: InvoiceTask, body: object = None, *args: object, **kwargs: object) -> dict:
-    return {"outcome": "applied", "pruned": scheduler.prune_outbox()}
+    return self.retrying(lambda: {"outcome": "applied", "pruned": scheduler.prune_outbox()})

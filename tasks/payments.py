@@ -101,7 +101,7 @@ def payment_callback(self: InvoiceTask, body: object = None, *args: object, **kw
     if secret and isinstance(body, dict):
         problem = verify(body, secret)
         if problem:
-            return dead_letter(self.delivery(body), "bad-signature", problem).to_dict()
+            return self.retrying(lambda: dead_letter(self.delivery(body), "bad-signature", problem).to_dict())
     return self.handle(PaymentCallback, body, apply_callback, args, kwargs)
 
 

@@ -25,9 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # happens within a test, and a short visibility timeout so a killed worker's message returns.
 TEST_ENV = {
     "TASK_MAX_RETRIES": "3",
-    "TASK_RETRY_BACKOFF_MAX": "1",
+    "TASK_RETRY_BACKOFF_MAX": "2",
     "BROKER_VISIBILITY_TIMEOUT": "20",
     "WORKER_CONCURRENCY": "2",
+    "CALLBACK_SIGNING_SECRET": "test-secret",
+    # Retries due at once, then 1.7 s and 3.5 s after the first failure.
+    "PAYMENT_RETRY_DAYS": "0,0.00002,0.00004",
 }
 TABLES = ("refunds", "payments", "line_items", "invoices", "inbox", "outbox", "dead_letters",
           "invoice_number_sequences")

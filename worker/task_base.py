@@ -4,7 +4,8 @@ exponential back-off and jitter, and the dead-letter store for what cannot be ap
 from __future__ import annotations
 
 import logging
-from typing import Any
+import random
+from typing import Any, Callable, TypeVar
 
 import kombu.exceptions
 from celery import Task
@@ -17,6 +18,7 @@ from worker.config import settings
 from worker.handling import MalformedMessage, Operation, dead_letter, execute, parse
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Passing faults: the database or broker is away, a conflict outlasted its quick retries, or a
 # message names a payment that has not arrived yet. Celery retries these with back-off.
@@ -29,10 +31,6 @@ class InvoiceTask(Task):
     typing = False  # the body is validated by its schema, so that a wrong call is dead-lettered, not lost
     acks_late = True
     reject_on_worker_lost = True
-    autoretry_for = TRANSIENT
-    retry_backoff = 1
-    retry_backoff_max = settings().task_retry_backoff_max
-    retry_jitter = True
     max_retries = settings().task_max_retries
 
     def delivery(self, body: Any) -> dead_letters.Delivery:
@@ -50,8 +48,17 @@ class InvoiceTask(Task):
         try:
             message = parse(schema, body, args, kwargs)
         except MalformedMessage as exc:
-            return dead_letter(self.delivery(body), "malformed", exc.error).to_dict()
-        return execute(self.name, message, operation).to_dict()
+            return self.retrying(lambda: dead_letter(self.delivery(body), "malformed", exc.error).to_dict())
+        return self.retrying(lambda: execute(self.name, message, operation).to_dict())
+
+    def retrying(self, work: Callable[[], T]) -> T:
+        """Run work; on a passing fault, send the message round again after an exponential back-off
+        with jitter (never zero, so that a late message has time to arrive). When the retries run
+        out, the fault is raised and on_failure dead-letters the message."""
+        try:
+            return work()
+        except TRANSIENT as exc:
+            raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from None
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
         """Retries ran out, or something unexpected broke: keep the message whole for an operator."""
@@ -65,3 +72,9 @@ class InvoiceTask(Task):
             # The store is away too. Send the message round again later rather than lose it.
             log.exception("cannot dead-letter %s %s; sending it again", self.name, task_id)
             self.apply_async(args=args, kwargs=kwargs, countdown=settings().task_retry_backoff_max)
+
+
+def backoff(retries: int) -> float:
+    """Equal jitter: half of min(cap, 2^retries) seconds fixed, the other half random."""
+    ceiling = min(float(settings().task_retry_backoff_max), 2.0 ** retries)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
