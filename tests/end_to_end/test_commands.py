@@ -1,0 +1,121 @@
+"""Every invoice command through a real worker: outcomes, natural keys and reason codes."""
+
+from __future__ import annotations
+
+import uuid
+
+from tests.conftest import invoice_json, order_body, send, wait_outcome
+from tests.end_to_end.test_delivery import issued_invoice, payment
+
+T = "t-cmd"
+
+
+def command(task: str, tenant: str = T, **fields) -> dict:
+    body = {"messageId": f"c-{uuid.uuid4()}", "tenantId": tenant, **fields}
+    send(task, body)
+    return wait_outcome(tenant, body["messageId"])
+
+
+def create_body(**fields) -> dict:
+    return {"currency": "USD", "customer": {"customerId": "C-1", "companyName": "Initech"},
+            "lineItems": [{"sku": "A", "quantity": "2", "unitPrice": "10.00"}], "paymentTerms": "Net15", **fields}
+
+
+
+def test_create(running):
+    first = command("invoices.create", **create_body())
+    second = command("invoices.create", **create_body())
+    other_tenant = command("invoices.create", tenant="t-cmd-2", **create_body())
+    assert (first["invoiceNumber"], second["invoiceNumber"], other_tenant["invoiceNumber"]) == (
+        "INV-00001", "INV-00002", "INV-00001")
+    assert invoice_json(T, "INV-00001")["status"] == "Draft"
+    given = command("invoices.create", **create_body(invoiceNumber="LEGACY-9"))
+    assert given["outcome"] == "applied" and given["invoiceNumber"] == "LEGACY-9"
+    same = command("invoices.create", **create_body(invoiceNumber="LEGACY-9"))
+    assert same["outcome"] == "duplicate"
+    different = command("invoices.create", **create_body(invoiceNumber="LEGACY-9", notes="other"))
+    assert (different["outcome"], different["reason"]) == ("rejected", "duplicate-invoice-number")
+    assert invoice_json(T, "LEGACY-9")["notes"] is None
+
+
+def test_order_shipped_makes_one_invoice_per_order_and_shipment(running):
+    body = order_body(tenant=T, shipmentId="S-1", invoiceNumber="ORD-INV-1")
+    send("invoices.order_shipped", body)
+    assert wait_outcome(T, body["messageId"])["invoiceNumber"] == "ORD-INV-1"
+    again = {**body, "messageId": f"m-{uuid.uuid4()}"}
+    send("invoices.order_shipped", again)
+    assert wait_outcome(T, again["messageId"])["outcome"] == "duplicate"
+    second_shipment = {**body, "messageId": f"m-{uuid.uuid4()}", "shipmentId": "S-2"}
+    second_shipment.pop("invoiceNumber")
+    send("invoices.order_shipped", second_shipment)
+    assert wait_outcome(T, second_shipment["messageId"])["outcome"] == "applied"
+    taken = order_body(tenant=T, invoiceNumber="ORD-INV-1")
+    send("invoices.order_shipped", taken)
+    assert wait_outcome(T, taken["messageId"])["reason"] == "duplicate-invoice-number"
+
+
+def test_update_issue_and_what_stays_editable(running):
+    number = command("invoices.create", **create_body())["invoiceNumber"]
+    assert command("invoices.update", invoiceNumber=number,
+                   lineItems=[{"quantity": "3", "unitPrice": "10.00"}])["outcome"] == "applied"
+    assert invoice_json(T, number)["invoiceTotal"] == "30.00"
+    assert command("invoices.issue", invoiceNumber=number)["outcome"] == "applied"
+    again = command("invoices.issue", invoiceNumber=number)
+    assert (again["outcome"], again["reason"]) == ("rejected", "invalid-state-transition")
+    locked = command("invoices.update", invoiceNumber=number, currency="EUR", notes="x")
+    assert (locked["outcome"], locked["reason"]) == ("rejected", "invoice-not-editable")
+    assert "currency" in locked["detail"]
+    assert command("invoices.update", invoiceNumber=number, notes="call first", dueDate="2027-01-31",
+                   purchaseOrderNumber="PO-1", externalId="X-1")["outcome"] == "applied"
+    after = invoice_json(T, number)
+    assert (after["notes"], after["dueDate"], after["currency"]) == ("call first", "2027-01-31", "USD")
+
+
+def test_discounts_refunds_and_the_final_states(running):
+    invoice = issued_invoice(T)
+    number = invoice["invoiceNumber"]
+    assert command("invoices.apply_discount", invoiceNumber=number,
+                   discount={"type": "Amount", "value": "40.00", "code": "X"})["outcome"] == "applied"
+    assert invoice_json(T, number)["discountAmount"] == "40.00"
+    assert command("invoices.remove_discount", invoiceNumber=number)["outcome"] == "applied"
+    assert invoice_json(T, number)["invoiceTotal"] == "149.60"  # 140.00 + 9.60 tax, line discounts kept
+    pay = payment(T, number, "49.60")
+    send("invoices.record_payment", pay)
+    recorded = wait_outcome(T, pay["messageId"])
+    paid = invoice_json(T, number)["payments"][0]["paymentId"]
+    blocked = command("invoices.void", invoiceNumber=number)
+    assert blocked["reason"] == "invalid-state-transition"  # PartiallyPaid cannot be voided
+    too_big = command("invoices.apply_discount", invoiceNumber=number, discount={"type": "Percentage", "value": "100"})
+    assert too_big["reason"] == "total-below-amount-paid"
+    over = command("invoices.refund_payment", invoiceNumber=number, paymentId=paid, amount="60.00")
+    assert over["reason"] == "amount-exceeds-refundable"
+    for amount in ("9.60", "40.00"):
+        assert command("invoices.refund_payment", invoiceNumber=number, paymentId=paid, amount=amount)["outcome"] == "applied"
+    refunded = invoice_json(T, number)
+    assert (refunded["status"], refunded["amountPaid"]) == ("Issued", "0.00")
+    assert len(refunded["payments"][0]["refunds"]) == 2
+    assert command("invoices.void", invoiceNumber=number)["outcome"] == "applied"
+    final = command("invoices.cancel", invoiceNumber=number)
+    assert (final["outcome"], final["reason"]) == ("rejected", "invalid-state-transition")
+    assert recorded["outcome"] == "applied"
+
+
+def test_delete_and_cancel(running):
+    draft = command("invoices.create", **create_body())["invoiceNumber"]
+    gone = command("invoices.delete", invoiceNumber=draft)
+    assert gone["outcome"] == "applied" and invoice_json(T, draft) is None
+    missing = command("invoices.delete", invoiceNumber=draft)
+    assert missing["reason"] == "invoice-not-found"
+    issued = issued_invoice(T)["invoiceNumber"]
+    assert command("invoices.delete", invoiceNumber=issued)["reason"] == "invalid-state-transition"
+    assert command("invoices.cancel", invoiceNumber=issued)["outcome"] == "applied"
+    kept = invoice_json(T, issued)
+    assert kept["status"] == "Cancelled" and len(kept["lineItems"]) == 2
+
+
+def test_an_address_whose_number_and_id_disagree_is_rejected(running):
+    a = command("invoices.create", **create_body())
+    b = command("invoices.create", **create_body())
+    mixed = command("invoices.issue", invoiceNumber=a["invoiceNumber"], invoiceId=str(b["invoiceId"]))
+    assert (mixed["outcome"], mixed["reason"]) == ("rejected", "invoice-address-mismatch")
+    assert invoice_json(T, a["invoiceNumber"])["status"] == "Draft"
