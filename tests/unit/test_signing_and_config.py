@@ -1,0 +1,63 @@
+"""Callback signatures (CONTRACT.md section 7) and configuration errors, no I/O."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from worker.config import ConfigurationError, load_settings
+from worker.signing import canonical, sign, verify
+
+VECTOR = {"amount": "120.00", "currency": "USD", "invoiceNumber": "INV-00892", "messageId": "cb-0001",
+          "paymentId": "6f1c2d3e-0000-4000-8000-000000000001", "provider": "WorldPay", "responseCode": "0",
+          "responseMessage": "Approved", "result": "Approved", "tenantId": "acme", "transactionId": "T-1001"}
+
+
+def test_the_contract_test_vector_signs_as_given():
+    assert sign(VECTOR, "test-secret") == "fed59388df04d7aa083a1e99e08c5127a5d7f3dc585808f7d5f238c52bc5f024"
+
+
+def test_the_signature_field_is_not_signed_and_key_order_does_not_matter():
+    shuffled = dict(reversed(list(VECTOR.items())))
+    assert canonical({**shuffled, "signature": "x"}) == canonical(VECTOR)
+
+
+def test_non_ascii_is_escaped_as_python_json_does():
+    assert b"\\u00e9" in canonical({"responseMessage": "refusé"})
+
+
+def test_verify_accepts_the_right_signature_and_names_what_is_wrong():
+    signed = {**VECTOR, "signature": sign(VECTOR, "test-secret")}
+    assert verify(signed, "test-secret") is None
+    assert verify(VECTOR, "test-secret") == "the callback carries no signature"
+    assert verify({**signed, "amount": "1.00"}, "test-secret") == "the signature does not match the body"
+    assert verify(signed, "other-secret") == "the signature does not match the body"
+    assert verify({**signed, "signature": signed["signature"].upper()}, "test-secret") is not None
+
+
+@pytest.mark.parametrize("variable, value, fragment", [
+    ("PAYMENT_RETRY_DAYS", "abc", "expected comma-separated numbers of days"),
+    ("PAYMENT_RETRY_DAYS", "3,1", "ascending"),
+    ("PAYMENT_RETRY_DAYS", "-1", "not negative"),
+    ("DATABASE_URL", "not a url", "not a SQLAlchemy URL"),
+    ("DATABASE_URL", "mysql://u@h/db", "must be a PostgreSQL URL"),
+    ("BROKER_URL", "kafka://h", "must be a redis://"),
+    ("WORKER_CONCURRENCY", "0", "greater than or equal to 1"),
+])
+def test_a_wrong_setting_names_its_variable(monkeypatch, variable, value, fragment):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert str(caught.value).startswith(f"{variable}: ")
+    assert fragment in str(caught.value)
+
+
+def test_settings_parse_lists_and_fractions(monkeypatch):
+    monkeypatch.setenv("PAYMENT_RETRY_DAYS", "0, 0.5,2")
+    monkeypatch.setenv("PAYMENT_HARD_DECLINE_CODES", "lost_card, fraud ")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:p@h:5432/db")
+    config = load_settings()
+    assert config.payment_retry_days == (Decimal(0), Decimal("0.5"), Decimal(2))
+    assert config.payment_hard_decline_codes == ("lost_card", "fraud")
+    assert config.database_url == "postgresql+psycopg://u:p@h:5432/db"
