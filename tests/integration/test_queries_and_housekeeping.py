@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from models.invoice import Invoice
 from models.queries import get_invoice, list_invoices
@@ -59,5 +59,4 @@ def test_prune_outbox_deletes_only_old_published_events(session):
     session.commit()
     assert scheduler.prune_outbox(now) == 1  # retention 168 hours: only the 30-day-old published row goes
     remaining = session.scalars(select(OutboxEvent.id).order_by(OutboxEvent.id)).all()
-    assert remaining == ids[1:]
-    assert session.scalar(select(func.count()).select_from(OutboxEvent).where(OutboxEvent.published_at.is_(None))) == 2
+    assert remaining == ids[1:]  # unpublished rows and recently published ones stay
