@@ -79,11 +79,13 @@ class Invoice(InvoiceLifecycle, InvoicePayments, Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
+    # Loaded when an operation or the JSON form needs them: a payment needs neither the lines
+    # (the subtotal is stored) nor the other payments (amountPaid is kept as it changes).
     line_items: Mapped[list[LineItem]] = relationship(
-        cascade="all, delete-orphan", order_by=LineItem.position, lazy="selectin",
+        cascade="all, delete-orphan", order_by=LineItem.position,
     )
     payments: Mapped[list[Payment]] = relationship(
-        back_populates="invoice", cascade="all, delete-orphan", order_by=Payment.created_at, lazy="selectin",
+        back_populates="invoice", cascade="all, delete-orphan", order_by=Payment.created_at,
     )
 
     __mapper_args__ = {"version_id_col": version}
@@ -94,6 +96,11 @@ class Invoice(InvoiceLifecycle, InvoicePayments, Base):
     def pending_events(self) -> list[DomainEvent]:
         """Events recorded by operations since the invoice was loaded or created."""
         return self.__dict__.setdefault("_pending_events", [])
+
+    @property
+    def new_rows(self) -> list[Payment]:
+        """Rows an operation created beside the invoice, for the unit of work to save."""
+        return self.__dict__.setdefault("_new_rows", [])
 
     def _record(self, type_: str, **data: Any) -> None:
         self.pending_events.append(DomainEvent(type_, data))
@@ -109,18 +116,26 @@ class Invoice(InvoiceLifecycle, InvoicePayments, Base):
 
     # ----------------------------------------------------------------- money
 
-    def _recompute(self) -> None:
+    def _recompute(self, *, lines: bool = False) -> None:
         """subtotal = Σ line totals; discount per its type; invoiceTotal = subtotal − discount + tax,
         or the imported total; amountPaid = completed payments − refunds + the imported paid amount;
-        balance = invoiceTotal − amountPaid."""
+        balance = invoiceTotal − amountPaid. The subtotal is stored, so only a change of lines
+        (lines=True) needs the line items."""
         c = self.currency
-        self.subtotal = round_money(sum((line.line_total for line in self.line_items), ZERO), c)
+        if lines:
+            self.subtotal = round_money(sum((line.line_total for line in self.line_items), ZERO), c)
         self.discount_amount = order_discount(self.discount, self.subtotal, c)
         if self.imported_invoice_total is not None:
             self.invoice_total = self.imported_invoice_total
         else:
             self.invoice_total = self.subtotal - self.discount_amount + self.tax_amount
         self.amount_paid = self.imported_amount_paid + sum((p.net_amount for p in self.payments), ZERO)
+        self.balance = self.invoice_total - self.amount_paid
+
+    def _add_paid(self, delta: Decimal) -> None:
+        """A payment completed (delta > 0) or a refund went out (delta < 0): the total stays, so
+        amountPaid and balance move by the delta, without reading every payment of the invoice."""
+        self.amount_paid += delta
         self.balance = self.invoice_total - self.amount_paid
 
     @property

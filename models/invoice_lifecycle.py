@@ -90,7 +90,7 @@ class InvoiceLifecycle:
             self.due_date = due_date_from_terms(self.invoice_date, self.payment_terms)
         if self.due_date is not None and self.due_date < self.invoice_date:
             raise DomainError("invalid-invoice", f"dueDate {self.due_date} is before invoiceDate {self.invoice_date}")
-        self._recompute()
+        self._recompute(lines=True)
         return [CAMEL[name] for name in content if self._content_value(name) != before[name]]
 
     def _set_imported(self: "Invoice", total: Any, balance: Any) -> None:

@@ -192,7 +192,7 @@ class InvoicePayments:
         refund = Refund(id=refund_id, payment_id=payment.id, amount=value, reference_number=reference_number,
                         reason=reason, created_at=now)
         payment.refunds.append(refund)
-        self._recompute()
+        self._add_paid(-value)
         self._touch(now)
         self._record("payment.refunded", paymentId=str(payment.id), refundId=str(refund_id),
                      amount=format_money(value, self.currency),
@@ -216,11 +216,13 @@ class InvoicePayments:
 
     def _add_payment(self: "Invoice", *, payment_id: uuid.UUID, amount: Decimal, status: str, now: datetime,
                      **fields: Any) -> Payment:
-        if self.payment(payment_id) is not None:
-            raise DomainError("duplicate-payment", f"payment {payment_id} already exists on {self.invoice_number}")
+        """A new payment row. Its id is fresh (derived from the messageId, or checked by the caller).
+        Joining it through `invoice` does not read the invoice's other payments; the unit of work
+        saves it from `new_rows`."""
         payment = Payment(id=payment_id, invoice_id=self.id, amount=amount, currency=self.currency, status=str(status),
                           attempt=0, created_at=now, refunds=[], **fields)
-        self.payments.append(payment)
+        payment.invoice = self
+        self.new_rows.append(payment)
         return payment
 
     def _known_payment(self: "Invoice", payment_id: uuid.UUID) -> Payment:
@@ -230,8 +232,9 @@ class InvoicePayments:
         return payment
 
     def _settle(self: "Invoice", payment: Payment, now: datetime) -> None:
+        """A payment completed: its amount counts as paid, and the status follows the balance."""
         requested = payment.requested_amount
-        self._recompute()
+        self._add_paid(payment.amount)
         self._touch(now)
         self._record(
             "payment.recorded", paymentId=str(payment.id), amount=format_money(payment.amount, self.currency),

@@ -207,6 +207,8 @@ class UnitOfWork:
 
     def flush_events(self) -> None:
         for invoice in dict.fromkeys(self._touched):
+            self.session.add_all(invoice.new_rows)
+            invoice.new_rows.clear()
             for event in invoice.pending_events:
                 self.emit(event.type, event.data, invoice)
             invoice.pending_events.clear()
