@@ -169,12 +169,18 @@ class Invoice(InvoiceLifecycle, InvoicePayments, Base):
     # ----------------------------------------------------------------- guards
 
     def _require(self, allowed: tuple[InvoiceStatus, ...], action: str) -> None:
+        self._require_not_deleted()
         if self.status not in allowed:
             names = ", ".join(str(s) for s in allowed)
             raise DomainError(
                 "invalid-state-transition",
                 f"cannot {action} {self.invoice_number}: it is {self.status}; only {names} invoices allow it",
             )
+
+    def _require_not_deleted(self) -> None:
+        """A deleted invoice is gone for good: nothing may change it any more."""
+        if self.__dict__.get("_deleted"):
+            raise DomainError("invoice-not-found", f"{self.invoice_number} was deleted")
 
     def _amount(self, value: Decimal | str | int, field: str = "amount") -> Decimal:
         amount = money(value, self.currency, field=field)

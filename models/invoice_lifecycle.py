@@ -93,6 +93,16 @@ class InvoiceLifecycle:
         self._recompute(lines=True)
         return [CAMEL[name] for name in content if self._content_value(name) != before[name]]
 
+    def _content_state(self: "Invoice") -> dict[str, Any]:
+        names = CONTENT_FIELDS - {"line_items"} | {"customer_id", "subtotal", "discount_amount", "invoice_total",
+                                                   "amount_paid", "balance"}
+        return {**{name: getattr(self, name) for name in names}, "line_items": list(self.line_items)}
+
+    def _restore_content_state(self: "Invoice", saved: dict[str, Any]) -> None:
+        for name, value in saved.items():
+            if getattr(self, name) is not value:
+                setattr(self, name, value)
+
     def _set_imported(self: "Invoice", total: Any, balance: Any) -> None:
         """importedBalance comes with importedInvoiceTotal; amount paid = total − balance, never negative."""
         if total is None:
@@ -123,6 +133,7 @@ class InvoiceLifecycle:
     def update(self: "Invoice", changes: dict[str, Any], now: datetime | None = None) -> list[str]:
         """Draft: every field may change. Issued or later: only notes, dueDate, purchaseOrderNumber
         and externalId; other fields are rejected invoice-not-editable. Returns what changed."""
+        self._require_not_deleted()
         if self.status != S.DRAFT:
             locked = sorted(CAMEL.get(n, n) for n in set(changes) - LATE_EDITABLE)
             if locked:
@@ -131,10 +142,18 @@ class InvoiceLifecycle:
                     f"cannot change {', '.join(locked)} of {self.invoice_number}: it is {self.status}; "
                     "after Draft only notes, dueDate, purchaseOrderNumber and externalId can change",
                 )
-        paid_before = self.amount_paid
-        changed = self._apply_content(changes)
-        if self.invoice_total < paid_before:
-            raise DomainError("total-below-amount-paid", f"the new total of {self.invoice_number} would fall below what is paid")
+        saved = self._content_state()
+        try:
+            changed = self._apply_content(changes)
+            if self.invoice_total < self.amount_paid:
+                raise DomainError(
+                    "total-below-amount-paid",
+                    f"the new total of {self.invoice_number} ({format_money(self.invoice_total, self.currency)}) "
+                    f"would fall below what is paid ({format_money(self.amount_paid, self.currency)})",
+                )
+        except DomainError:
+            self._restore_content_state(saved)  # a rejected update changes nothing
+            raise
         if changed:
             self._touch(now)
             self._record("invoice.updated", changes=changed, **self._totals())
@@ -235,6 +254,7 @@ class InvoiceLifecycle:
         return self._set_active(True, now)
 
     def _set_active(self: "Invoice", active: bool, now: datetime | None) -> bool:
+        self._require_not_deleted()
         if self.is_active == active:
             return False
         self.is_active = active
