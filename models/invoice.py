@@ -73,6 +73,8 @@ class Invoice(InvoiceLifecycle, InvoicePayments, Base):
     amount_paid: Mapped[Decimal] = mapped_column(MONEY, default=ZERO)
     balance: Mapped[Decimal] = mapped_column(MONEY, default=ZERO)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # What the last bulk import entry for this invoice said (a hash): a re-sent entry is unchanged.
+    import_fingerprint: Mapped[str | None] = mapped_column(String(64))
     # Per-invoice event counter: every event of this invoice takes the next number.
     event_sequence: Mapped[int] = mapped_column(Integer, default=0)
     version: Mapped[int] = mapped_column(Integer, default=1)

@@ -96,8 +96,8 @@ def check_decimals(currency: str | None, amounts: dict[str, Decimal | None]) -> 
             raise ValueError(f"{name} {value} has more decimals than {currency} allows ({places})")
 
 
-class InvoiceContent(Message):
-    """The create body of invoice-api.md."""
+class InvoiceFields(Schema):
+    """The fields of the create body of invoice-api.md."""
 
     order_id: Id | None = None
     order_number: Short | None = None
@@ -118,7 +118,7 @@ class InvoiceContent(Message):
     imported_balance: Amount | None = None
 
     @model_validator(mode="after")
-    def _money_fits_currency(self) -> "InvoiceContent":
+    def _money_fits_currency(self) -> "InvoiceFields":
         amounts: dict[str, Decimal | None] = {
             "taxAmount": self.tax_amount, "importedInvoiceTotal": self.imported_invoice_total,
             "importedBalance": self.imported_balance,
@@ -151,6 +151,10 @@ class InvoiceContent(Message):
         return ("order_id", "order_number", "external_id", "customer", "sales_rep", "purchase_order_number",
                 "invoice_date", "due_date", "payment_terms", "currency", "notes", "line_items", "tax_amount",
                 "discount", "imported_invoice_total", "imported_balance")
+
+
+class InvoiceContent(InvoiceFields, Message):
+    """The create body: its fields, and those of every message."""
 
 
 class CreateInvoice(InvoiceContent):
@@ -267,6 +271,23 @@ class PaymentCallback(Message):
     @property
     def address(self) -> InvoiceAddress:
         return InvoiceAddress(invoice_number=self.invoice_number)
+
+
+class ImportEntry(InvoiceFields):
+    """One invoice of a bulk import: the create body with invoiceNumber and currency required,
+    plus isActive (false soft-deletes the matching invoice, true brings it back)."""
+
+    invoice_number: Id
+    currency: Currency
+    is_active: bool = True
+
+
+class BulkImport(Message):
+    """invoices.bulk_import: 1–10,000 entries, each validated on its own (a bad entry is
+    rejected alone), so the entries are plain objects here."""
+
+    batch_id: Id
+    invoices: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
 
 
 class RetryFailedPayments(BaseModel):

@@ -24,7 +24,7 @@ QUEUES = {
     "invoices.maintenance": ("invoices.retry_failed_payments", "invoices.prune_outbox"),
 }
 ROUTES = {task: queue for queue, tasks in QUEUES.items() for task in tasks}
-TASK_MODULES = ("tasks.orders", "tasks.commands", "tasks.payments", "tasks.maintenance")
+TASK_MODULES = ("tasks.orders", "tasks.commands", "tasks.payments", "tasks.imports", "tasks.maintenance")
 
 
 def queue_for(task_name: str) -> str:

@@ -1,0 +1,225 @@
+"""invoices.bulk_import: upsert a batch of up to 10,000 invoices by (tenantId, invoiceNumber)
+with set-based SQL: the entries are validated and computed first (by the domain's own
+Invoice.create), then the batch is written with a handful of statements (COPY for new
+invoices, their lines and the outbox; pipelined UPDATEs for changed ones), all in the message's
+transaction together with its inbox record and events.
+
+Per entry: created, updated, unchanged, deactivated or rejected (with its index, number and
+reason). A re-sent batch finds every entry unchanged and emits no invoice event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from psycopg.types.json import Jsonb
+from pydantic import ValidationError
+from sqlalchemy import select, text
+
+from models.errors import DomainError
+from models.invoice import Invoice
+from models.payment import Payment
+from models.rules import S
+from tasks.messages import BulkImport, ImportEntry
+from worker.handling import describe_validation
+from worker.unit_of_work import Outcome, UnitOfWork, event_envelope
+
+INVOICE_COLUMNS = [c.name for c in Invoice.__table__.columns]
+LINE_COLUMNS = ["invoice_id", "position", "sku", "description", "quantity", "unit_price", "discount_amount", "line_total"]
+OUTBOX_COLUMNS = ["event_id", "type", "tenant_id", "invoice_id", "sequence", "causation_id", "payload"]
+JSON_COLUMNS = {"customer", "sales_rep", "discount"}
+# What an import may change on an existing invoice.
+UPDATED_COLUMNS = [
+    "order_id", "order_number", "external_id", "status", "invoice_date", "due_date", "payment_terms", "currency",
+    "purchase_order_number", "notes", "customer_id", "customer", "sales_rep", "discount", "tax_amount",
+    "imported_invoice_total", "imported_balance", "subtotal", "discount_amount", "invoice_total", "amount_paid",
+    "balance", "is_active", "event_sequence", "updated_at", "import_fingerprint",
+]
+
+
+@dataclass
+class Entry:
+    index: int
+    number: str
+    active: bool
+    invoice: Invoice
+    fingerprint: str
+
+
+@dataclass
+class Batch:
+    """What the batch does, entry by entry, before anything is written."""
+
+    tenant_id: str
+    message_id: str
+    batch_id: str
+    now: datetime
+    entries: list[Entry] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("created", "updated", "unchanged", "deactivated", "rejected"), 0))
+    created: list[Invoice] = field(default_factory=list)
+    changed: list[tuple[Invoice, list[str]]] = field(default_factory=list)
+    outbox: list[tuple] = field(default_factory=list)
+
+    def reject(self, index: int, number: Any, reason: str, message: str) -> None:
+        self.counts["rejected"] += 1
+        self.rejected.append({"index": index, "invoiceNumber": number if isinstance(number, str) else None,
+                              "reason": reason, "message": message})
+
+    def event(self, invoice: Invoice, type_: str, data: dict[str, Any]) -> None:
+        invoice.event_sequence += 1
+        payload = event_envelope(type_=type_, tenant_id=self.tenant_id, invoice_id=invoice.id,
+                                 invoice_number=invoice.invoice_number, sequence=invoice.event_sequence,
+                                 causation_id=self.message_id, data=data)
+        self.outbox.append((uuid.UUID(payload["eventId"]), type_, self.tenant_id, invoice.id, invoice.event_sequence,
+                            self.message_id, Jsonb(payload)))
+
+
+def fingerprint(entry: ImportEntry) -> str:
+    canonical = json.dumps(entry.model_dump(mode="json", by_alias=True, exclude={"is_active"}), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def validate(tenant_id: str, raw_entries: list[Any], now: datetime, batch: Batch) -> None:
+    """Each entry against its schema and the domain's rules; the same number twice is rejected."""
+    first_seen: dict[str, int] = {}
+    for index, raw in enumerate(raw_entries):
+        number = raw.get("invoiceNumber") if isinstance(raw, dict) else None
+        try:
+            entry = ImportEntry.model_validate(raw)
+        except ValidationError as exc:
+            batch.reject(index, number, "invalid-entry", describe_validation(exc))
+            continue
+        if entry.invoice_number in first_seen:
+            batch.reject(index, entry.invoice_number, "duplicate-in-batch",
+                         f"invoiceNumber {entry.invoice_number} is already entry {first_seen[entry.invoice_number]} "
+                         "of this batch")
+            continue
+        first_seen[entry.invoice_number] = index
+        try:
+            invoice = Invoice.create(tenant_id=tenant_id, invoice_number=entry.invoice_number, content=entry.content(),
+                                     source="import", now=now)
+        except DomainError as exc:
+            batch.reject(index, entry.invoice_number, exc.code, exc.message)
+            continue
+        invoice.is_active = entry.is_active
+        invoice.import_fingerprint = fingerprint(entry)
+        invoice.pending_events.clear()
+        batch.entries.append(Entry(index, entry.invoice_number, entry.is_active, invoice, invoice.import_fingerprint))
+
+
+def reimported_status(current: str, imported: str) -> str:
+    """An invoice already past Draft never goes back to it: nothing paid means Issued."""
+    if current != S.DRAFT and imported == S.DRAFT:
+        return S.ISSUED
+    return imported
+
+
+def classify(uow: UnitOfWork, batch: Batch) -> None:
+    """Compare every entry with the invoice of its number, locked in number order."""
+    session = uow.session
+    numbers = [e.number for e in batch.entries]
+    existing = {
+        row.invoice_number: row for row in session.execute(
+            select(Invoice.id, Invoice.invoice_number, Invoice.status, Invoice.is_active, Invoice.import_fingerprint,
+                   Invoice.event_sequence, Invoice.created_at, Invoice.source, Invoice.shipment_id,
+                   Invoice.version)
+            .where(Invoice.tenant_id == batch.tenant_id, Invoice.invoice_number.in_(numbers))
+            .order_by(Invoice.invoice_number).with_for_update()
+        )
+    } if numbers else {}
+    paid_ids = set(session.scalars(
+        select(Payment.invoice_id).where(Payment.invoice_id.in_([r.id for r in existing.values()])).distinct()
+    )) if existing else set()
+    for entry in batch.entries:
+        row = existing.get(entry.number)
+        invoice = entry.invoice
+        if row is None:
+            batch.counts["created"] += 1
+            batch.created.append(invoice)
+            batch.event(invoice, "invoice.created", {"invoice": invoice.to_json(), "source": "import"})
+            continue
+        same_content = row.import_fingerprint == entry.fingerprint
+        if same_content and row.is_active == entry.active:
+            batch.counts["unchanged"] += 1
+            continue
+        if not same_content and row.status in (S.VOIDED, S.CANCELLED):
+            batch.reject(entry.index, entry.number, "invalid-state-transition",
+                         f"{entry.number} is {row.status}; an import cannot change it")
+            continue
+        if not same_content and row.id in paid_ids:
+            batch.reject(entry.index, entry.number, "invoice-has-payments",
+                         f"{entry.number} has payments recorded here; record further changes as payments or refunds")
+            continue
+        invoice.id, invoice.event_sequence, invoice.created_at = row.id, row.event_sequence, row.created_at
+        invoice.source, invoice.shipment_id = row.source, row.shipment_id
+        changes = []
+        if not same_content:
+            changes.append("import")
+            invoice.status = reimported_status(row.status, invoice.status)
+            batch.event(invoice, "invoice.updated", {"changes": ["import"], "batchId": batch.batch_id, **invoice._totals()})
+            if invoice.status != row.status:
+                batch.event(invoice, "invoice.status_changed",
+                            {"from": row.status, "to": str(invoice.status), **invoice._totals()})
+        else:
+            invoice.status = row.status
+        if row.is_active != entry.active:
+            changes.append("isActive")
+            batch.event(invoice, "invoice.updated", {"changes": ["isActive"], "isActive": entry.active,
+                                                     **invoice._totals()})
+        batch.counts["deactivated" if row.is_active and not entry.active else "updated"] += 1
+        batch.changed.append((invoice, changes))
+
+
+def write(uow: UnitOfWork, batch: Batch) -> None:
+    """COPY the new invoices, their lines and the events; pipeline the UPDATEs of changed ones."""
+    connection = uow.session.connection().connection.driver_connection
+    with connection.cursor() as cursor:
+        if batch.created:
+            with cursor.copy(f"COPY invoices ({', '.join(INVOICE_COLUMNS)}) FROM STDIN") as copy:
+                for invoice in batch.created:
+                    copy.write_row([Jsonb(getattr(invoice, c)) if c in JSON_COLUMNS and getattr(invoice, c) is not None
+                                    else getattr(invoice, c) for c in INVOICE_COLUMNS])
+        content_changed = [inv for inv, changes in batch.changed if "import" in changes]
+        if content_changed:
+            cursor.execute("DELETE FROM line_items WHERE invoice_id = ANY(%s)", ([i.id for i in content_changed],))
+        if batch.changed:
+            assignments = ", ".join(f"{c} = %s" for c in UPDATED_COLUMNS)
+            cursor.executemany(
+                f"UPDATE invoices SET {assignments}, version = version + 1 WHERE id = %s",
+                [[Jsonb(getattr(inv, c)) if c in JSON_COLUMNS and getattr(inv, c) is not None else getattr(inv, c)
+                  for c in UPDATED_COLUMNS] + [inv.id] for inv, _ in batch.changed],
+            )
+        with_lines = batch.created + content_changed
+        if with_lines:
+            with cursor.copy(f"COPY line_items ({', '.join(LINE_COLUMNS)}) FROM STDIN") as copy:
+                for invoice in with_lines:
+                    for line in invoice.line_items:
+                        copy.write_row([invoice.id, line.position, line.sku, line.description, line.quantity,
+                                        line.unit_price, line.discount_amount, line.line_total])
+        if batch.outbox:
+            with cursor.copy(f"COPY outbox ({', '.join(OUTBOX_COLUMNS)}) FROM STDIN") as copy:
+                for row in batch.outbox:
+                    copy.write_row(row)
+
+
+def import_batch(uow: UnitOfWork, message: BulkImport) -> Outcome:
+    """The operation of invoices.bulk_import, inside the message's unit of work."""
+    now = datetime.now(timezone.utc)
+    batch = Batch(message.tenant_id, message.message_id, message.batch_id, now)
+    # One import of a tenant at a time: overlapping batches neither deadlock nor race on new numbers.
+    uow.session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"import:{message.tenant_id}"})
+    validate(message.tenant_id, message.invoices, now, batch)
+    classify(uow, batch)
+    for invoice, _ in batch.changed:
+        invoice.updated_at = now
+    write(uow, batch)
+    summary = {"batchId": message.batch_id, "counts": batch.counts, "rejected": batch.rejected}
+    uow.emit("import.completed", summary)
+    return Outcome("applied", message.message_id, extra=summary)
