@@ -34,9 +34,11 @@ class InvoiceLifecycle:
     def create(
         cls, *, tenant_id: str, invoice_number: str, content: dict[str, Any], invoice_id: uuid.UUID | None = None,
         source: str = "create", shipment_id: str | None = None, now: datetime | None = None,
+        announce: bool = True,
     ) -> "Invoice":
         """A new invoice starts in Draft; an imported one that is partly or wholly paid starts
-        PartiallyPaid or Paid. `dueDate` defaults from `paymentTerms` (NetN)."""
+        PartiallyPaid or Paid. `dueDate` defaults from `paymentTerms` (NetN). `announce=False` records
+        no invoice.created event (a bulk import announces what it really created)."""
         now = now or utcnow()
         if not content.get("currency"):
             raise DomainError("invalid-invoice", "currency is required")
@@ -51,7 +53,8 @@ class InvoiceLifecycle:
             invoice.status = S.ISSUED
             invoice._follow_balance()
             invoice.pending_events.clear()
-        invoice._record("invoice.created", invoice=invoice.to_json())
+        if announce:
+            invoice._record("invoice.created", invoice=invoice.to_json())
         return invoice
 
     def _apply_content(self: "Invoice", content: dict[str, Any], *, creating: bool = False) -> list[str]:

@@ -5,6 +5,7 @@ The minor units (ISO 4217 exponents) come from the maintained `iso4217` package.
 
 from __future__ import annotations
 
+import functools
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 import iso4217
@@ -14,6 +15,7 @@ from models.errors import DomainError
 ZERO = Decimal(0)
 
 
+@functools.lru_cache(maxsize=512)
 def minor_unit(currency: str) -> int:
     """Decimals of the currency's minor unit: 2 for USD, 0 for JPY, 3 for BHD."""
     try:
@@ -33,6 +35,7 @@ def is_currency(currency: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=512)
 def _quantum(currency: str) -> Decimal:
     return Decimal(1).scaleb(-minor_unit(currency))
 

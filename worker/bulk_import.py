@@ -104,7 +104,7 @@ def validate(tenant_id: str, raw_entries: list[Any], now: datetime, batch: Batch
         first_seen[entry.invoice_number] = index
         try:
             invoice = Invoice.create(tenant_id=tenant_id, invoice_number=entry.invoice_number, content=entry.content(),
-                                     source="import", now=now)
+                                     source="import", now=now, announce=False)
         except DomainError as exc:
             batch.reject(index, entry.invoice_number, exc.code, exc.message)
             continue
