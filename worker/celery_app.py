@@ -56,7 +56,7 @@ def make_app() -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         # Tasks can be long (bulk imports): one message at a time per pool process.
-        worker_prefetch_multiplier=1,
+        worker_prefetch_multiplier=config.worker_prefetch_multiplier,
         worker_concurrency=config.worker_concurrency,
         task_queues=[Queue(name, Exchange(name, type="direct", durable=True), routing_key=name, durable=True)
                      for name in QUEUES],

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     # Where the embedded servers keep their data when no URLs are set.
     data_dir: Path = Path(".data")
     worker_concurrency: int = Field(default=2, ge=1)
+    # Messages each pool process reserves ahead. 1 suits long tasks (bulk imports) and fair spreading.
+    worker_prefetch_multiplier: int = Field(default=1, ge=1)
     # Redis only: how long an unacknowledged message stays invisible before the broker hands it
     # to another worker. Must exceed the longest task and the longest retry countdown.
     broker_visibility_timeout: int = Field(default=3600, ge=1)

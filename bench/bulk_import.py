@@ -1,0 +1,90 @@
+"""Bulk import: invoices with 3 line items each through the real worker, against a raw COPY of
+the same rows into the same tables in the same run."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from bench.harness import Environment, PeakMemory, wait, worker
+from bench.payments import publish
+
+BATCH = 2000
+
+
+def entries(prefix: str, count: int) -> list[dict[str, Any]]:
+    return [{"invoiceNumber": f"{prefix}-{i:06d}", "orderId": f"O-{i}", "currency": "USD",
+             "customer": {"customerId": f"C-{i % 500}", "companyName": "Globex"}, "invoiceDate": "2026-10-01",
+             "paymentTerms": "Net30", "importedInvoiceTotal": "60.00", "importedBalance": "20.00" if i % 3 else "60.00",
+             "lineItems": [{"sku": f"S-{j}", "description": "Widget", "quantity": "2", "unitPrice": "10.00"}
+                           for j in range(3)]} for i in range(count)]
+
+
+def through_worker(env: Environment, count: int, concurrency: int) -> dict[str, float]:
+    bodies = []
+    data = entries("W", count)
+    for start in range(0, count, BATCH):
+        bodies.append({"messageId": f"bulk-{uuid.uuid4()}", "tenantId": "bench-import", "batchId": f"b-{start}",
+                       "invoices": data[start:start + BATCH]})
+    del data
+    proc = worker(concurrency)
+    try:
+        with PeakMemory(proc) as memory:
+            started = time.monotonic()
+            publish("invoices.bulk_import", bodies, "invoices.imports")
+            done = wait(lambda: env.sql("SELECT count(*) FROM inbox WHERE tenant_id = 'bench-import'")[0][0]
+                        >= len(bodies), 600, interval=0.2)
+        created = env.sql("SELECT count(*) FROM invoices WHERE tenant_id = 'bench-import'")[0][0]
+        assert created == count, f"{created} of {count} invoices imported"
+        return {"rate": count / (done - started), "seconds": done - started, "rss_mb": memory.mb}
+    finally:
+        proc.stop()
+
+
+def raw_copy(env: Environment, count: int) -> dict[str, float]:
+    """The same rows (invoice, 3 lines, its invoice.created event) with plain COPY, nothing else."""
+    now = datetime.now(timezone.utc)
+    invoices, lines, events = [], [], []
+    for i in range(count):
+        invoice_id = uuid.uuid4()
+        invoices.append((invoice_id, "bench-copy", f"R-{i:06d}", f"O-{i}", "import", "", "PartiallyPaid",
+                         "2026-10-01", "2026-10-31", "Net30", "USD", Jsonb({"customerId": f"C-{i % 500}"}),
+                         f"C-{i % 500}", Decimal("60.00"), Decimal("60.00"), Decimal("20.00"), Decimal("60.00"),
+                         Decimal(0), Decimal("60.00"), Decimal("40.00"), Decimal("20.00"), True, 1, 1, now, now))
+        for j in range(3):
+            lines.append((invoice_id, j + 1, f"S-{j}", "Widget", Decimal(2), Decimal("10.00"), Decimal(0),
+                          Decimal("20.00")))
+        events.append((uuid.uuid4(), "invoice.created", "bench-copy", invoice_id, 1,
+                       Jsonb({"type": "invoice.created", "invoiceNumber": f"R-{i:06d}"})))
+    columns = ("id, tenant_id, invoice_number, order_id, source, shipment_id, status, invoice_date, due_date, "
+               "payment_terms, currency, customer, customer_id, imported_invoice_total, imported_balance, "
+               "subtotal, discount_amount, tax_amount, invoice_total, amount_paid, balance, is_active, "
+               "event_sequence, version, created_at, updated_at")
+    started = time.monotonic()
+    with psycopg.connect(env.libpq) as conn, conn.cursor() as cursor:
+        with cursor.copy(f"COPY invoices ({columns}) FROM STDIN") as copy:
+            for row in invoices:
+                copy.write_row(row)
+        with cursor.copy("COPY line_items (invoice_id, position, sku, description, quantity, unit_price, "
+                         "discount_amount, line_total) FROM STDIN") as copy:
+            for row in lines:
+                copy.write_row(row)
+        with cursor.copy("COPY outbox (event_id, type, tenant_id, invoice_id, sequence, payload) FROM STDIN") as copy:
+            for row in events:
+                copy.write_row(row)
+        conn.commit()
+    seconds = time.monotonic() - started
+    return {"rate": count / seconds, "seconds": seconds}
+
+
+def run(env: Environment, count: int, concurrency: int) -> dict[str, Any]:
+    copy = raw_copy(env, count)
+    env.sql("UPDATE outbox SET published_at = now() WHERE published_at IS NULL")
+    through = through_worker(env, count, concurrency)
+    return {"worker": through, "copy": copy, "ratio": through["rate"] / copy["rate"]}

@@ -1,0 +1,165 @@
+"""Servers, worker processes, memory sampling and waiting: what every benchmark part shares."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import psycopg
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+QUEUES = "invoices.orders,invoices.payments,invoices.commands,invoices.imports,invoices.maintenance"
+
+
+class Environment:
+    """Embedded PostgreSQL and Valkey in a temporary directory (or DATABASE_URL / BROKER_URL), a
+    fresh database, migrated."""
+
+    def __init__(self) -> None:
+        from sqlalchemy.engine import make_url
+
+        self.servers = None
+        database, broker = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
+        if not database or not broker:
+            from worker.embedded import EmbeddedServers
+
+            self.servers = EmbeddedServers(Path(tempfile.mkdtemp(prefix="invoice-bench-")), ephemeral=True)
+            database = database or self.servers.start_postgres()
+            broker = broker or self.servers.start_broker()
+        base = make_url(database)
+        self.admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.name = f"invoice_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        self.database_url = base.set(database=self.name).render_as_string(hide_password=False)
+        self.libpq = make_url(self.database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self.broker_url = broker.rsplit("/", 1)[0] + "/5"  # a broker database of its own
+        os.environ.update({"DATABASE_URL": self.database_url, "BROKER_URL": self.broker_url})
+        from worker import db
+        from worker.celery_app import app
+        from worker.config import settings
+        from worker.migrate import upgrade
+
+        settings.cache_clear()
+        db.reset()
+        app.conf.broker_url = self.broker_url
+        upgrade(self.database_url)
+        self.redis = redis.Redis.from_url(self.broker_url)
+        self.redis.flushdb()
+
+    def sql(self, query: str, params: tuple = ()) -> list[tuple]:
+        with psycopg.connect(self.libpq, autocommit=True) as conn:
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def queue_drained(self) -> bool:
+        lengths = sum(self.redis.llen(q) for q in QUEUES.split(","))
+        return lengths == 0 and self.redis.hlen("unacked") == 0
+
+    def close(self) -> None:
+        from worker import db
+
+        db.reset()
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        if self.servers is not None:
+            self.servers.stop()
+
+
+class Process:
+    def __init__(self, argv: list[str], env: dict[str, str], ready: bytes | None) -> None:
+        self.log = Path(tempfile.mkstemp(prefix="bench-", suffix=".log")[1])
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=self.log.open("wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        if ready:
+            wait(lambda: ready in self.log.read_bytes() or self.proc.poll() is not None, 60)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv[3:5]} exited:\n{self.log.read_text()[-2000:]}")
+
+    def rss(self) -> int:
+        try:
+            me = psutil.Process(self.proc.pid)
+            return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
+        except psutil.Error:
+            return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def worker(concurrency: int, env: dict[str, str] | None = None, include: str | None = None) -> Process:
+    argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", QUEUES, "-c", str(concurrency),
+            "-n", f"bench-{uuid.uuid4().hex[:6]}@localhost", "--loglevel", "WARNING", "--without-mingle",
+            "--without-gossip", "--without-heartbeat"]
+    if include:
+        argv += ["--include", include]
+    proc = Process(argv, env or {}, None)
+    wait(lambda: _ready(proc), 60)
+    return proc
+
+
+def _ready(proc: Process) -> bool:
+    from worker.celery_app import app
+
+    if proc.proc.poll() is not None:
+        raise RuntimeError(proc.log.read_text()[-2000:])
+    try:
+        return bool(app.control.ping(timeout=0.5))
+    except Exception:
+        return False
+
+
+def relay() -> Process:
+    return Process([sys.executable, "-m", "worker.cli", "--log-level", "INFO", "relay"], {}, b"relay: publishing")
+
+
+class PeakMemory:
+    """Samples the RSS of processes (main and pool children) every 50 ms; keeps the peak."""
+
+    def __init__(self, *procs: Process) -> None:
+        self.procs = procs
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, sum(p.rss() for p in self.procs))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
+
+
+def wait(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> float:
+    """Poll until predicate() is true; return when it was (monotonic); raise on timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"benchmark step did not finish within {timeout}s")
+        time.sleep(interval)
+    return time.monotonic()

@@ -1,0 +1,200 @@
+"""Ceilings A and B, and record_payment end to end, under steady load, and as duplicates."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+import uuid
+from typing import Any
+
+import psycopg
+
+from bench.harness import Environment, PeakMemory, relay, wait, worker
+
+
+def setup_invoices(env: Environment, count: int) -> list[str]:
+    """Issued invoices with room for many payments, made with one bulk import (fast and real)."""
+    from tasks.messages import BulkImport
+    from worker.bulk_import import import_batch
+    from worker.handling import execute, parse
+
+    numbers = [f"B-{i:05d}" for i in range(count)]
+    entries = [{"invoiceNumber": n, "currency": "USD", "lineItems": [{"quantity": "1", "unitPrice": "100000.00"}],
+                "importedInvoiceTotal": "100000.00", "importedBalance": "99999.00"} for n in numbers]
+    for start in range(0, count, 5000):
+        message = parse(BulkImport, {"messageId": f"setup-{start}", "tenantId": "bench", "batchId": "setup",
+                                     "invoices": entries[start:start + 5000]})
+        execute("invoices.bulk_import", message, import_batch)
+    env.sql("UPDATE outbox SET published_at = now()")
+    return numbers
+
+
+def payment_bodies(numbers: list[str], count: int) -> list[dict[str, Any]]:
+    return [{"messageId": f"pay-{uuid.uuid4()}", "tenantId": "bench", "invoiceNumber": numbers[i % len(numbers)],
+             "amount": "1.00", "currency": "USD", "paymentMethod": "EFT"} for i in range(count)]
+
+
+def publish(task: str, bodies: list[Any], queue: str) -> None:
+    from worker.celery_app import app
+
+    with app.producer_or_acquire() as producer:
+        for body in bodies:
+            app.send_task(task, args=[body], queue=queue, producer=producer)
+
+
+def ceiling_a(env: Environment, count: int, concurrency: int) -> dict[str, float]:
+    """A no-op task: messages per second from the first publish until the queue is drained."""
+    proc = worker(concurrency, include="bench.noop")
+    try:
+        with PeakMemory(proc) as memory:
+            started = time.monotonic()
+            publish("bench.noop", [{}] * count, "invoices.maintenance")
+            done = wait(env.queue_drained, 300)
+        return {"rate": count / (done - started), "seconds": done - started, "rss_mb": memory.mb}
+    finally:
+        proc.stop()
+
+
+def capture_record_payment(numbers: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The statements (and parameters) that one record_payment runs, as the worker runs them."""
+    from sqlalchemy import event
+
+    from tasks.messages import RecordPayment
+    from tasks.payments import record_offline_payment
+    from worker import db
+    from worker.handling import execute, parse
+
+    captured: list[tuple[str, Any]] = []
+
+    def keep(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
+        captured.append((statement, params))
+
+    engine = db.engine()
+    event.listen(engine, "before_cursor_execute", keep)
+    try:
+        body = payment_bodies(numbers, 1)[0]
+        execute("invoices.record_payment", parse(RecordPayment, body), record_offline_payment)
+    finally:
+        event.remove(engine, "before_cursor_execute", keep)
+    return captured
+
+
+def _fresh(value: Any, mapping: dict[Any, Any], keep: set[Any]) -> Any:
+    if isinstance(value, uuid.UUID) and value not in keep:
+        return mapping.setdefault(value, uuid.uuid4())
+    if isinstance(value, str) and value.startswith("pay-"):
+        return mapping.setdefault(value, f"pay-{uuid.uuid4()}")
+    return value
+
+
+def ceiling_b(env: Environment, numbers: list[str], seconds: float) -> dict[str, float]:
+    """The same SQL in a tight psycopg loop on one connection: transactions per second."""
+    statements = capture_record_payment(numbers)
+    invoice_id = env.sql("SELECT id FROM invoices WHERE invoice_number = %s", (numbers[0],))[0][0]
+    done, started = 0, time.monotonic()
+    with psycopg.connect(env.libpq) as conn:
+        version = conn.execute("SELECT version FROM invoices WHERE id = %s", (invoice_id,)).fetchone()[0]
+        while time.monotonic() - started < seconds:
+            mapping: dict[Any, Any] = {}
+            for statement, params in statements:
+                if isinstance(params, dict):
+                    params = {k: _fresh(v, mapping, {invoice_id}) for k, v in params.items()}
+                    if "invoices_version" in params:  # the version check of the invoice's UPDATE
+                        params["invoices_version"], params["version"] = version, version + 1
+                    if "invoices_id" in params:
+                        params["invoices_id"] = invoice_id
+                conn.execute(statement, params, prepare=True)
+            conn.commit()
+            version += 1
+            done += 1
+    return {"rate": done / (time.monotonic() - started), "statements": len(statements)}
+
+
+def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+    """From the first publish to the last event published, with the relay running."""
+    proc, rel = worker(concurrency), relay()
+    try:
+        with PeakMemory(proc) as memory:
+            started = time.monotonic()
+            publish("invoices.record_payment", bodies, "invoices.payments")
+            wait(lambda: env.sql("SELECT count(*) FROM inbox WHERE task = 'invoices.record_payment'")[0][0]
+                 >= len(bodies), 300, interval=0.1)
+            done = wait(lambda: env.sql("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0] == 0, 120)
+        return {"rate": len(bodies) / (done - started), "seconds": done - started, "rss_mb": memory.mb}
+    finally:
+        rel.stop()
+        proc.stop()
+
+
+def duplicates(env: Environment, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+    """The same messages again: each is recognised by its messageId and changes nothing."""
+    before = env.sql("SELECT count(*) FROM outbox")[0][0]
+    proc = worker(concurrency)
+    try:
+        with PeakMemory(proc) as memory:
+            started = time.monotonic()
+            publish("invoices.record_payment", bodies, "invoices.payments")
+            done = wait(env.queue_drained, 300)
+        assert env.sql("SELECT count(*) FROM outbox")[0][0] == before, "a duplicate published an event"
+        return {"rate": len(bodies) / (done - started), "seconds": done - started, "rss_mb": memory.mb}
+    finally:
+        proc.stop()
+
+
+def latency(env: Environment, numbers: list[str], rate: int, seconds: float, concurrency: int) -> dict[str, float]:
+    """At a steady rate: publish time to the arrival of its payment.recorded event in a queue bound
+    to invoices.events (declared with kombu; read with BRPOP directly, since kombu's synchronous
+    consumer in this process would itself become the bottleneck)."""
+    import base64
+    import json
+
+    import redis
+    from kombu import Connection, Exchange, Queue
+
+    from worker.celery_app import app
+
+    proc, rel = worker(concurrency), relay()
+    name = f"bench-latency-{uuid.uuid4().hex[:6]}"
+    with Connection(env.broker_url) as conn:
+        Queue(name, Exchange("invoices.events", type="topic", durable=True), routing_key="payment.recorded",
+              durable=False)(conn.default_channel).declare()
+    sent: dict[str, float] = {}
+    received: dict[str, float] = {}
+    stop = threading.Event()
+    reader = redis.Redis.from_url(env.broker_url)
+
+    def consume() -> None:
+        while not stop.is_set():
+            item = reader.brpop([name], timeout=1)
+            if item is None:
+                continue
+            envelope = json.loads(item[1])
+            body = envelope["body"]
+            if envelope.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            received[json.loads(body)["causationId"]] = time.monotonic()
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    try:
+        with PeakMemory(proc, rel) as memory, app.producer_or_acquire() as producer:
+            bodies = payment_bodies(numbers, int(rate * seconds))
+            began = time.monotonic()
+            for i, body in enumerate(bodies):
+                pause = began + i / rate - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                sent[body["messageId"]] = time.monotonic()
+                app.send_task("invoices.record_payment", args=[body], queue="invoices.payments", producer=producer)
+            wait(lambda: len(received.keys() & sent.keys()) >= len(bodies), 60)
+        delays = sorted((received[m] - sent[m]) * 1000 for m in sent)
+        q = statistics.quantiles(delays, n=100)
+        return {"p50": statistics.median(delays), "p95": q[94], "p99": q[98], "count": len(delays),
+                "rss_mb": memory.mb}
+    finally:
+        stop.set()
+        consumer.join(5)
+        reader.delete(name)
+        rel.stop()
+        proc.stop()
