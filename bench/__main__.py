@@ -71,7 +71,8 @@ def main() -> int:
                      f"worker RSS {e2e['rss_mb']:.0f} MB"))
         lat = payments.latency(env, numbers, 200, lat_seconds, concurrency)
         rows.append((f"latency at 200 msg/s for {lat_seconds} s", f"p50 {lat['p50']:.1f} ms",
-                     f"p95 {lat['p95']:.1f} ms, p99 {lat['p99']:.1f} ms ({lat['count']} events); "
+                     f"p95 {lat['p95']:.1f} ms, p99 {lat['p99']:.1f} ms ({lat['count']} events"
+                     f"{', ' + str(lat['missing']) + ' not within 60 s' if lat['missing'] else ''}); "
                      f"worker+relay RSS {lat['rss_mb']:.0f} MB"))
         dup = payments.duplicates(env, bodies, concurrency)
         rows.append((f"duplicates: the same {n_pay:,} again", f"{dup['rate']:.0f} msg/s",

@@ -15,7 +15,7 @@ from psycopg.types.json import Jsonb
 from bench.harness import Environment, PeakMemory, wait, worker
 from bench.payments import publish
 
-BATCH = 2000
+BATCH = 1000  # IMPORT_BATCH_SIZE's default, what `invoice-worker import` sends
 
 
 def entries(prefix: str, count: int) -> list[dict[str, Any]]:

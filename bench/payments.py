@@ -187,11 +187,14 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
                     time.sleep(pause)
                 sent[body["messageId"]] = time.monotonic()
                 app.send_task("invoices.record_payment", args=[body], queue="invoices.payments", producer=producer)
-            wait(lambda: len(received.keys() & sent.keys()) >= len(bodies), 60)
-        delays = sorted((received[m] - sent[m]) * 1000 for m in sent)
+            try:
+                wait(lambda: len(received.keys() & sent.keys()) >= len(bodies), 60)
+            except TimeoutError:
+                pass  # reported below as events that did not arrive in time
+        delays = sorted((received[m] - sent[m]) * 1000 for m in sent if m in received)
         q = statistics.quantiles(delays, n=100)
         return {"p50": statistics.median(delays), "p95": q[94], "p99": q[98], "count": len(delays),
-                "rss_mb": memory.mb}
+                "missing": len(bodies) - len(delays), "rss_mb": memory.mb}
     finally:
         stop.set()
         consumer.join(5)

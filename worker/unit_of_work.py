@@ -83,6 +83,7 @@ class UnitOfWork:
         # What caused the events: the messageId, or the scheduler's scan for its own changes.
         self.causation_id = message_id
         self._touched: list[Invoice] = []
+        self._outbox: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- inbox
 
@@ -200,10 +201,16 @@ class UnitOfWork:
             type_=type_, tenant_id=self.tenant_id, invoice_id=invoice_id, invoice_number=invoice_number,
             sequence=sequence, causation_id=self.causation_id, data=data,
         )
-        self.session.add(OutboxEvent(
-            event_id=uuid.UUID(payload["eventId"]), type=type_, tenant_id=self.tenant_id, invoice_id=invoice_id,
-            sequence=sequence, causation_id=self.causation_id, payload=payload,
-        ))
+        # Plain rows, written with one INSERT at commit: events need none of the ORM's bookkeeping.
+        self._outbox.append({
+            "event_id": uuid.UUID(payload["eventId"]), "type": type_, "tenant_id": self.tenant_id,
+            "invoice_id": invoice_id, "sequence": sequence, "causation_id": self.causation_id, "payload": payload,
+        })
+
+    def write_outbox(self) -> None:
+        if self._outbox:
+            self.session.execute(insert(OutboxEvent), self._outbox)
+            self._outbox = []
 
     def flush_events(self) -> None:
         for invoice in dict.fromkeys(self._touched):
@@ -218,10 +225,12 @@ class UnitOfWork:
     def commit_changes(self) -> None:
         """Commit the touched invoices and their events, with no inbox record (scheduler work)."""
         self.flush_events()
+        self.write_outbox()
         self.session.commit()
 
     def commit(self, outcome: Outcome) -> Outcome:
         self.flush_events()
         self.record(outcome)
+        self.write_outbox()
         self.session.commit()
         return outcome

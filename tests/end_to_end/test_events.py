@@ -42,7 +42,7 @@ def outbox_rows(n: int, tenant: str = "t-outbox") -> list[str]:
         uow = UnitOfWork(session, tenant_id=tenant, message_id=None, task="test")
         for i in range(n):
             uow.emit("invoice.updated", {"i": i}, invoice_id=invoice_id, invoice_number="INV-X")
-        session.commit()
+        uow.commit_changes()
         return [str(e) for e in session.scalars(select(OutboxEvent.event_id).where(OutboxEvent.invoice_id == invoice_id))]
 
 

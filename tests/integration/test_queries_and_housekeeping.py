@@ -52,6 +52,7 @@ def test_prune_outbox_deletes_only_old_published_events(session):
         uow = UnitOfWork(session, tenant_id="t-prune", message_id=None, task="test")
         for i in range(4):
             uow.emit("invoice.updated", {"i": i}, invoice_number="X")
+        uow.write_outbox()
     now = datetime.now(timezone.utc)
     ids = session.scalars(select(OutboxEvent.id).order_by(OutboxEvent.id)).all()
     session.execute(update(OutboxEvent).where(OutboxEvent.id == ids[0]).values(published_at=now - timedelta(days=30)))
