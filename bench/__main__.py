@@ -74,6 +74,8 @@ def main() -> int:
                      f"p95 {lat['p95']:.1f} ms, p99 {lat['p99']:.1f} ms ({lat['count']} events"
                      f"{', ' + str(lat['missing']) + ' not within 60 s' if lat['missing'] else ''}); "
                      f"worker+relay RSS {lat['rss_mb']:.0f} MB"))
+        rows.append(("commit to publish (the relay's share of the above)", f"p50 {lat['commit_to_publish_p50']:.1f} ms",
+                     f"p99 {lat['commit_to_publish_p99']:.1f} ms (outbox insert to broker accepted)"))
         dup = payments.duplicates(env, bodies, concurrency)
         rows.append((f"duplicates: the same {n_pay:,} again", f"{dup['rate']:.0f} msg/s",
                      f"{dup['rate'] / a['rate']:.0%} of A; worker RSS {dup['rss_mb']:.0f} MB"))

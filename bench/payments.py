@@ -193,8 +193,14 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
                 pass  # reported below as events that did not arrive in time
         delays = sorted((received[m] - sent[m]) * 1000 for m in sent if m in received)
         q = statistics.quantiles(delays, n=100)
+        # The relay's own share: from the event's insert in the committing transaction to its publication.
+        relay_ms = env.sql(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), percentile_cont(0.99) WITHIN GROUP (ORDER BY d) "
+            "FROM (SELECT extract(epoch FROM published_at - created_at) * 1000 AS d FROM outbox "
+            "WHERE type = 'payment.recorded' AND causation_id = ANY(%s)) AS x", (list(sent),))[0]
         return {"p50": statistics.median(delays), "p95": q[94], "p99": q[98], "count": len(delays),
-                "missing": len(bodies) - len(delays), "rss_mb": memory.mb}
+                "missing": len(bodies) - len(delays), "rss_mb": memory.mb,
+                "commit_to_publish_p50": float(relay_ms[0]), "commit_to_publish_p99": float(relay_ms[1])}
     finally:
         stop.set()
         consumer.join(5)

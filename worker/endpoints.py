@@ -43,21 +43,19 @@ def _from_file(key: str) -> str | None:
     return data.get(key)
 
 
-def database_url() -> str:
-    url = settings().database_url or _from_file("databaseUrl")
+def _resolve(configured: str | None, key: str, variable: str) -> str:
+    url = configured or _from_file(key)
     if not url:
         raise ConfigurationError(
-            "DATABASE_URL: not set, and no running `invoice-worker run` with embedded servers was found "
+            f"{variable}: not set, and no running `invoice-worker run` with embedded servers was found "
             f"({endpoints_path()}); set it or start `invoice-worker run`"
         )
     return url
+
+
+def database_url() -> str:
+    return _resolve(settings().database_url, "databaseUrl", "DATABASE_URL")
 
 
 def broker_url() -> str:
-    url = settings().broker_url or _from_file("brokerUrl")
-    if not url:
-        raise ConfigurationError(
-            "BROKER_URL: not set, and no running `invoice-worker run` with embedded servers was found "
-            f"({endpoints_path()}); set it or start `invoice-worker run`"
-        )
-    return url
+    return _resolve(settings().broker_url, "brokerUrl", "BROKER_URL")
