@@ -23,7 +23,7 @@ def engine() -> Engine:
         if _engine is None or _engine_pid != os.getpid():
             if _engine is not None:
                 _engine.dispose(close=False)
-            _engine = create_engine(database_url(), pool_size=4, max_overflow=4, pool_pre_ping=True,
+            _engine = create_engine(database_url(), pool_size=4, max_overflow=4,
                                     pool_recycle=1800)
             _engine_pid = os.getpid()
             _sessions = sessionmaker(_engine, expire_on_commit=False)

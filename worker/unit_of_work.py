@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, exists, false, func, literal, null, select, true, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -54,6 +54,35 @@ class InvoiceAddress:
         return self.invoice_number or str(self.invoice_id)
 
 
+# The inbox and outbox statements of every message, built once: they run through the connection
+# (Core), not the ORM, which would build, cache-key and synchronise them anew each time.
+INBOX = InboxMessage.__table__
+_claimed = (
+    insert(INBOX)
+    .values(tenant_id=bindparam("tenant"), message_id=bindparam("message"), task=bindparam("task"),
+            outcome="applied", processed_at=func.now())
+    .on_conflict_do_nothing()
+    .returning(literal(1).label("fresh"))
+    .cte("claimed")
+)
+_FIRST_COLUMNS = (INBOX.c.outcome, INBOX.c.reason, INBOX.c.invoice_id, INBOX.c.invoice_number, INBOX.c.result)
+_FIRST = select(*_FIRST_COLUMNS).where(INBOX.c.tenant_id == bindparam("tenant"),
+                                       INBOX.c.message_id == bindparam("message"))
+# One round trip: the claim, or else the first copy's record. When the first copy committed while
+# this one waited on it, the record is not in this statement's snapshot and neither row comes back.
+CLAIM = select(true().label("fresh"), *(null().cast(c.type).label(c.name) for c in _FIRST_COLUMNS)).select_from(
+    _claimed).union_all(
+    select(false().label("fresh"), *_FIRST_COLUMNS).where(_FIRST.whereclause, ~exists(select(_claimed.c.fresh)))
+)
+RECORD = (
+    update(INBOX)
+    .where(INBOX.c.tenant_id == bindparam("tenant"), INBOX.c.message_id == bindparam("message"))
+    .values(outcome=bindparam("outcome"), reason=bindparam("reason"), detail=bindparam("detail"),
+            invoice_id=bindparam("invoice_id"), invoice_number=bindparam("invoice_number"),
+            result=bindparam("result"))
+)
+OUTBOX_INSERT = OutboxEvent.__table__.insert()
+
 ID_NAMESPACE = uuid.UUID("5d6f0c1e-8a7b-4c3d-9e2f-1a0b2c3d4e5f")
 
 
@@ -92,30 +121,26 @@ class UnitOfWork:
         outcome as a duplicate (waiting for a concurrent copy's transaction to finish first)."""
         if self.message_id is None:
             return None
-        inserted = self.session.execute(
-            insert(InboxMessage)
-            .values(tenant_id=self.tenant_id, message_id=self.message_id, task=self.task, outcome="applied")
-            .on_conflict_do_nothing()
-            .returning(InboxMessage.message_id)
-        ).first()
-        if inserted is not None:
+        keys = {"tenant": self.tenant_id, "message": self.message_id}
+        connection = self.session.connection()
+        row = connection.execute(CLAIM, {**keys, "task": self.task}).mappings().first()
+        if row is None:  # the first copy committed while this one waited on it
+            row = connection.execute(_FIRST, keys).mappings().first()
+            assert row is not None
+        elif row["fresh"]:
             return None
-        first = self.session.get(InboxMessage, (self.tenant_id, self.message_id))
-        assert first is not None
-        return Outcome("duplicate", self.message_id, reason=first.reason, invoice_id=first.invoice_id,
-                       invoice_number=first.invoice_number,
-                       extra={"firstOutcome": first.outcome, **(first.result or {})})
+        return Outcome("duplicate", self.message_id, reason=row["reason"], invoice_id=row["invoice_id"],
+                       invoice_number=row["invoice_number"],
+                       extra={"firstOutcome": row["outcome"], **(row["result"] or {})})
 
     def record(self, outcome: Outcome) -> None:
         if self.message_id is None:
             return
-        self.session.execute(
-            update(InboxMessage)
-            .where(InboxMessage.tenant_id == self.tenant_id, InboxMessage.message_id == self.message_id)
-            .values(outcome=outcome.outcome, reason=outcome.reason, detail=outcome.detail,
-                    invoice_id=outcome.invoice_id, invoice_number=outcome.invoice_number,
-                    result=outcome.extra or None)
-        )
+        self.session.connection().execute(RECORD, {
+            "tenant": self.tenant_id, "message": self.message_id, "outcome": outcome.outcome,
+            "reason": outcome.reason, "detail": outcome.detail, "invoice_id": outcome.invoice_id,
+            "invoice_number": outcome.invoice_number, "result": outcome.extra or None,
+        })
 
     # ----------------------------------------------------------------- invoices
 
@@ -209,7 +234,7 @@ class UnitOfWork:
 
     def write_outbox(self) -> None:
         if self._outbox:
-            self.session.execute(insert(OutboxEvent), self._outbox)
+            self.session.connection().execute(OUTBOX_INSERT, self._outbox)
             self._outbox = []
 
     def flush_events(self) -> None:
