@@ -62,7 +62,7 @@ class InvoiceLifecycle:
         unknown = set(content) - CONTENT_FIELDS
         if unknown:
             raise DomainError("invalid-invoice", f"unknown invoice fields: {', '.join(sorted(unknown))}")
-        before = {name: self._content_value(name) for name in content}
+        before = {} if creating else {name: self._content_value(name) for name in content}
         currency = content.get("currency", self.currency)
         minor_unit(currency)
         simple = ("order_id", "order_number", "external_id", "sales_rep", "purchase_order_number", "invoice_date",
@@ -94,6 +94,8 @@ class InvoiceLifecycle:
         if self.due_date is not None and self.due_date < self.invoice_date:
             raise DomainError("invalid-invoice", f"dueDate {self.due_date} is before invoiceDate {self.invoice_date}")
         self._recompute(lines=True)
+        if creating:
+            return [CAMEL[name] for name in content]
         return [CAMEL[name] for name in content if self._content_value(name) != before[name]]
 
     def _content_state(self: "Invoice") -> dict[str, Any]:

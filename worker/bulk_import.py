@@ -213,9 +213,11 @@ def import_batch(uow: UnitOfWork, message: BulkImport) -> Outcome:
     """The operation of invoices.bulk_import, inside the message's unit of work."""
     now = datetime.now(timezone.utc)
     batch = Batch(message.tenant_id, message.message_id, message.batch_id, now)
+    # Validation reads nothing of the database, so it runs before the lock: two workers validate
+    # two batches at once and queue only for the short compare-and-write.
+    validate(message.tenant_id, message.invoices, now, batch)
     # One import of a tenant at a time: overlapping batches neither deadlock nor race on new numbers.
     uow.session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"import:{message.tenant_id}"})
-    validate(message.tenant_id, message.invoices, now, batch)
     classify(uow, batch)
     for invoice, _ in batch.changed:
         invoice.updated_at = now
