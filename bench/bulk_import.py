@@ -42,7 +42,7 @@ def through_worker(env: Environment, count: int, concurrency: int) -> dict[str, 
                         >= len(bodies), 600, interval=0.2)
         created = env.sql("SELECT count(*) FROM invoices WHERE tenant_id = 'bench-import'")[0][0]
         assert created == count, f"{created} of {count} invoices imported"
-        return {"rate": count / (done - started), "seconds": done - started, "rss_mb": memory.mb}
+        return {"rate": count / (done - started), "seconds": done - started, "pss_mb": memory.mb, "rss_mb": memory.rss_mb}
     finally:
         proc.stop()
 

@@ -86,12 +86,16 @@ class Process:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{argv[3:5]} exited:\n{self.log.read_text()[-2000:]}")
 
-    def rss(self) -> int:
+    def memory(self) -> tuple[int, int]:
+        """(PSS, RSS) summed over the process and its pool children. PSS counts a page shared by
+        several processes (the pool children fork from the main process) once, split between them;
+        the RSS sum counts it in every process, so it overstates what the worker holds."""
         try:
             me = psutil.Process(self.proc.pid)
-            return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
+            infos = [p.memory_full_info() for p in [me, *me.children(recursive=True)]]
         except psutil.Error:
-            return 0
+            return 0, 0
+        return sum(i.pss for i in infos), sum(i.rss for i in infos)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -130,11 +134,13 @@ def relay() -> Process:
 
 
 class PeakMemory:
-    """Samples the RSS of processes (main and pool children) every 50 ms; keeps the peak."""
+    """Samples the memory of processes (main and pool children) every 100 ms; keeps the peaks of
+    the PSS sum (what the worker really holds) and of the RSS sum (shared pages counted again)."""
 
     def __init__(self, *procs: Process) -> None:
         self.procs = procs
         self.peak = 0
+        self.peak_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -143,8 +149,10 @@ class PeakMemory:
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, sum(p.rss() for p in self.procs))
+        while not self._stop.wait(0.1):
+            samples = [p.memory() for p in self.procs]
+            self.peak = max(self.peak, sum(pss for pss, _ in samples))
+            self.peak_rss = max(self.peak_rss, sum(rss for _, rss in samples))
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -152,7 +160,12 @@ class PeakMemory:
 
     @property
     def mb(self) -> float:
+        """Peak PSS in MiB."""
         return self.peak / 2**20
+
+    @property
+    def rss_mb(self) -> float:
+        return self.peak_rss / 2**20
 
 
 def wait(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> float:

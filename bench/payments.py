@@ -51,7 +51,7 @@ def ceiling_a(env: Environment, count: int, concurrency: int) -> dict[str, float
             started = time.monotonic()
             publish("bench.noop", [{}] * count, "invoices.maintenance")
             done = wait(env.queue_drained, 300)
-        return {"rate": count / (done - started), "seconds": done - started, "rss_mb": memory.mb}
+        return {"rate": count / (done - started), "seconds": done - started, "pss_mb": memory.mb, "rss_mb": memory.rss_mb}
     finally:
         proc.stop()
 
@@ -121,7 +121,7 @@ def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int)
             wait(lambda: env.sql("SELECT count(*) FROM inbox WHERE task = 'invoices.record_payment'")[0][0]
                  >= len(bodies), 300, interval=0.1)
             done = wait(lambda: env.sql("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0] == 0, 120)
-        return {"rate": len(bodies) / (done - started), "seconds": done - started, "rss_mb": memory.mb}
+        return {"rate": len(bodies) / (done - started), "seconds": done - started, "pss_mb": memory.mb, "rss_mb": memory.rss_mb}
     finally:
         rel.stop()
         proc.stop()
@@ -139,7 +139,7 @@ def duplicates(env: Environment, bodies: list[dict[str, Any]], concurrency: int)
             publish("invoices.record_payment", bodies, "invoices.payments")
             done = wait(env.queue_drained, 300)
         assert env.sql(caused, (ids,))[0][0] == before, "a duplicate wrote an event"
-        return {"rate": len(bodies) / (done - started), "seconds": done - started, "rss_mb": memory.mb}
+        return {"rate": len(bodies) / (done - started), "seconds": done - started, "pss_mb": memory.mb, "rss_mb": memory.rss_mb}
     finally:
         proc.stop()
 
@@ -201,7 +201,7 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
             "FROM (SELECT extract(epoch FROM published_at - created_at) * 1000 AS d FROM outbox "
             "WHERE type = 'payment.recorded' AND causation_id = ANY(%s)) AS x", (list(sent),))[0]
         return {"p50": statistics.median(delays), "p95": q[94], "p99": q[98], "count": len(delays),
-                "missing": len(bodies) - len(delays), "rss_mb": memory.mb,
+                "missing": len(bodies) - len(delays), "pss_mb": memory.mb, "rss_mb": memory.rss_mb,
                 "commit_to_publish_p50": float(relay_ms[0]), "commit_to_publish_p99": float(relay_ms[1])}
     finally:
         stop.set()
