@@ -81,3 +81,28 @@ def test_the_same_message_id_in_another_tenant_is_another_message(session):
     a = execute("invoices.order_shipped", order("shared-id", tenant="t-a"), create_from_order)
     b = execute("invoices.order_shipped", order("shared-id", tenant="t-b"), create_from_order)
     assert (a.outcome, b.outcome) == ("applied", "applied")
+
+
+def test_a_copy_that_waited_on_the_first_copys_claim_yields_its_outcome(session):
+    """The second copy blocks on the first copy's uncommitted claim; when the first commits, the
+    second sees a record its own statement could not (it began before that commit) and reads it."""
+    from worker import db
+    from worker.unit_of_work import Outcome, UnitOfWork
+
+    message = order("m-waited", order_id="O-waited")
+    with db.sessions()() as first:
+        uow = UnitOfWork(first, tenant_id=message.tenant_id, message_id=message.message_id,
+                         task="invoices.order_shipped")
+        assert uow.claim() is None
+        second: list = []
+        waiting = threading.Thread(
+            target=lambda: second.append(execute("invoices.order_shipped", message, create_from_order)))
+        waiting.start()
+        waiting.join(1.0)
+        assert waiting.is_alive(), "the second copy should wait for the first copy's claim"
+        uow.commit(Outcome("applied", message.message_id, invoice_number="INV-FIRST", extra={"note": "first"}))
+    waiting.join(10)
+    [outcome] = second
+    assert (outcome.outcome, outcome.invoice_number) == ("duplicate", "INV-FIRST")
+    assert outcome.extra == {"firstOutcome": "applied", "note": "first"}
+    assert count(session, Invoice, Invoice.order_id == "O-waited") == 0  # the second copy changed nothing
