@@ -3,9 +3,10 @@ CONTRACT.md section 2, and the beat schedule of section 8."""
 
 from __future__ import annotations
 
+import gc
 import sys
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from worker.config import ConfigurationError, settings
@@ -99,6 +100,25 @@ try:
 except ConfigurationError as exc:  # `celery -A worker …` with a wrong setting: one line, no traceback
     sys.stderr.write(f"configuration error: {exc}\n")
     raise SystemExit(2) from None
+
+
+# A message (and far more an import batch) allocates thousands of short-lived objects; with the
+# default threshold of 700 the collector ran so often that it took 16% of an import's CPU and 23%
+# of a record_payment's. Objects still die by reference counting; cycles wait a little longer.
+GC_THRESHOLD = (10_000, 20, 20)
+
+
+@signals.worker_init.connect
+def _freeze_startup_objects(**_: object) -> None:
+    """Before the pool forks: the objects of start-up are never collected, so the collector does not
+    walk them again and again, nor write to the pages the pool processes share with this one."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
+@signals.worker_process_init.connect
+def _tune_collector(**_: object) -> None:
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def publishing_app() -> Celery:
