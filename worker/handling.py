@@ -12,8 +12,9 @@ import random
 import time
 from typing import Any, Callable, TypeVar
 
+import psycopg
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 
 from models.errors import DomainError
 from worker import db, dead_letters
@@ -59,8 +60,9 @@ def parse(schema: type[M], body: Any, extra_args: tuple = (), extra_kwargs: dict
         raise MalformedMessage(describe_validation(exc)) from None
 
 
-def _sqlstate(exc: DBAPIError) -> str | None:
-    return getattr(exc.orig, "sqlstate", None)
+def _sqlstate(exc: DBAPIError | psycopg.Error) -> str | None:
+    """The SQLSTATE of a failure, through SQLAlchemy or straight from psycopg (bulk COPY)."""
+    return getattr(exc.orig, "sqlstate", None) if isinstance(exc, DBAPIError) else exc.sqlstate
 
 
 def execute(task: str, message: Any, operation: Operation) -> Outcome:
@@ -81,9 +83,9 @@ def execute(task: str, message: Any, operation: Operation) -> Outcome:
                     session.rollback()
                     return reject(session, task, message, error)
                 return uow.commit(outcome)
-        except DBAPIError as exc:
+        except (DBAPIError, psycopg.Error) as exc:
             state = _sqlstate(exc)
-            retryable = state in CONFLICT_SQLSTATES or (isinstance(exc, IntegrityError) and state == UNIQUE_VIOLATION)
+            retryable = state in CONFLICT_SQLSTATES or state == UNIQUE_VIOLATION
             if not retryable or attempt == CONFLICT_ATTEMPTS:
                 raise
             log.info("%s %s: conflict %s, attempt %d; retrying", task, message_id, state, attempt)

@@ -8,6 +8,7 @@ import random
 from typing import Any, Callable, TypeVar
 
 import kombu.exceptions
+import psycopg
 from celery import Task
 from pydantic import BaseModel
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -22,8 +23,8 @@ T = TypeVar("T")
 
 # Passing faults: the database or broker is away, a conflict outlasted its quick retries, or a
 # message names a payment that has not arrived yet. Celery retries these with back-off.
-TRANSIENT = (OperationalError, InterfaceError, PaymentNotYetKnown, kombu.exceptions.OperationalError,
-             ConnectionError, TimeoutError)
+TRANSIENT = (OperationalError, InterfaceError, psycopg.OperationalError, PaymentNotYetKnown,
+             kombu.exceptions.OperationalError, ConnectionError, TimeoutError)
 
 
 class InvoiceTask(Task):
