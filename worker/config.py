@@ -39,10 +39,9 @@ class Settings(BaseSettings):
     outbox_retention_hours: float = Field(default=168.0, ge=0)
     # Where the embedded servers keep their data when no URLs are set.
     data_dir: Path = Path(".data")
-    # Pool processes, one per core by default (Celery's own default). A message spends about a third
-    # of its time waiting on PostgreSQL, so two per core gave +34% record_payment throughput on 2 cores,
-    # but each pool process holds a whole import batch while it works: 4 processes peaked at 390 MB
-    # (PSS) during a bulk import against 245 MB for 2 (make bench). Raise it where memory allows.
+    # Pool processes, one per core by default (Celery's own default). On 2 cores, 4 processes peaked
+    # at 296 MB (PSS) during a bulk import against 199 MB for 2, and gave no better latency at
+    # 200 msg/s beside the relay (make bench). Raise it where tasks wait on a remote database.
     worker_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     # Messages each pool process reserves ahead. 1 suits long tasks (bulk imports) and fair spreading.
     worker_prefetch_multiplier: int = Field(default=1, ge=1)
