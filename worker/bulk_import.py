@@ -19,7 +19,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 from pydantic import ValidationError
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from models.errors import DomainError
 from models.invoice import Invoice

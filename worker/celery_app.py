@@ -102,9 +102,10 @@ except ConfigurationError as exc:  # `celery -A worker …` with a wrong setting
     raise SystemExit(2) from None
 
 
-# A message (and far more an import batch) allocates thousands of short-lived objects; with the
-# default threshold of 700 the collector ran so often that it took 16% of an import's CPU and 23%
-# of a record_payment's. Objects still die by reference counting; cycles wait a little longer.
+# An import batch allocates hundreds of thousands of objects that live until its commit; with the
+# default threshold of 700 the collector walked them again and again (16% of an import's CPU).
+# Objects still die by reference counting; cycles wait a little longer. Measured through 2 workers:
+# 20,000 imported invoices 2,700 → 3,000 per second and peak PSS 245 → 199 MB; record_payment unchanged.
 GC_THRESHOLD = (10_000, 20, 20)
 
 
