@@ -47,21 +47,41 @@ def through_worker(env: Environment, count: int, concurrency: int) -> dict[str, 
         proc.stop()
 
 
+def created_event(entry: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The invoice.created event the worker writes for an imported entry, made once as a template."""
+    from models.invoice import Invoice
+    from tasks.messages import ImportEntry
+    from worker.unit_of_work import event_envelope
+
+    content = ImportEntry.model_validate(entry).content()
+    invoice = Invoice.create(tenant_id="bench-copy", invoice_number=entry["invoiceNumber"], content=content,
+                             source="import", now=now, announce=False)
+    return event_envelope(type_="invoice.created", tenant_id="bench-copy", invoice_id=invoice.id,
+                          invoice_number=invoice.invoice_number, sequence=1, causation_id="bench-copy",
+                          data={"invoice": invoice.to_json(), "source": "import"})
+
+
 def raw_copy(env: Environment, count: int) -> dict[str, float]:
-    """The same rows (invoice, 3 lines, its invoice.created event) with plain COPY, nothing else."""
+    """The same rows (invoice, 3 lines, its invoice.created event with the whole invoice, as the
+    worker writes it) with plain COPY, nothing else."""
     now = datetime.now(timezone.utc)
+    template = created_event(entries("R", 1)[0], now)
     invoices, lines, events = [], [], []
     for i in range(count):
         invoice_id = uuid.uuid4()
-        invoices.append((invoice_id, "bench-copy", f"R-{i:06d}", f"O-{i}", "import", "", "PartiallyPaid",
-                         "2026-10-01", "2026-10-31", "Net30", "USD", Jsonb({"customerId": f"C-{i % 500}"}),
+        number = f"R-{i:06d}"
+        payload = {**template, "eventId": str(uuid.uuid4()), "invoiceId": str(invoice_id), "invoiceNumber": number,
+                   "data": {**template["data"], "invoice": {**template["data"]["invoice"], "id": str(invoice_id),
+                                                            "invoiceNumber": number, "orderId": f"O-{i}"}}}
+        invoices.append((invoice_id, "bench-copy", number, f"O-{i}", "import", "", "PartiallyPaid",
+                         "2026-10-01", "2026-10-31", "Net30", "USD",
+                         Jsonb({"customerId": f"C-{i % 500}", "companyName": "Globex"}),
                          f"C-{i % 500}", Decimal("60.00"), Decimal("60.00"), Decimal("20.00"), Decimal("60.00"),
                          Decimal(0), Decimal("60.00"), Decimal("40.00"), Decimal("20.00"), True, 1, 1, now, now))
         for j in range(3):
             lines.append((invoice_id, j + 1, f"S-{j}", "Widget", Decimal(2), Decimal("10.00"), Decimal(0),
                           Decimal("20.00")))
-        events.append((uuid.uuid4(), "invoice.created", "bench-copy", invoice_id, 1,
-                       Jsonb({"type": "invoice.created", "invoiceNumber": f"R-{i:06d}"})))
+        events.append((uuid.UUID(payload["eventId"]), "invoice.created", "bench-copy", invoice_id, 1, Jsonb(payload)))
     columns = ("id, tenant_id, invoice_number, order_id, source, shipment_id, status, invoice_date, due_date, "
                "payment_terms, currency, customer, customer_id, imported_invoice_total, imported_balance, "
                "subtotal, discount_amount, tax_amount, invoice_total, amount_paid, balance, is_active, "
