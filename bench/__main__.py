@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import bulk_import, payments
+from bench import bulk_import, payments, under_load
 from bench.harness import ROOT, Environment
 
 
@@ -99,15 +99,17 @@ def main() -> int:
                      f"{imp['worker']['rate']:.0f} invoices/s",
                      f"{imp['ratio']:.0%} of raw COPY; worker PSS {imp['worker']['pss_mb']:.0f} MB (RSS sum {imp['worker']['rss_mb']:.0f})"))
         rows.append(("bulk import: raw COPY of the same rows", f"{imp['copy']['rate']:.0f} invoices/s", ""))
+        load = under_load.run(env, numbers, 1000 if args.quick else 4000, concurrency)
         where = profile(numbers)
     finally:
         env.close()
     total = time.monotonic() - began
-    write(rows, where, total, args.quick, concurrency)
+    write(rows, load, where, total, args.quick, concurrency)
     return 0
 
 
-def write(rows: list[tuple[str, str, str]], where: str, total: float, quick: bool, concurrency: int) -> None:
+def write(rows: list[tuple[str, str, str]], load: list[tuple[str, str, str]], where: str, total: float, quick: bool,
+          concurrency: int) -> None:
     memory = psutil.virtual_memory().total / 2**30
     header = (f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores, {memory:.0f} GiB, "
               f"worker concurrency {concurrency}{' (quick run)' if quick else ''}; whole run {total:.0f} s.")
@@ -119,7 +121,11 @@ def write(rows: list[tuple[str, str, str]], where: str, total: float, quick: boo
             "25% of raw COPY with worker memory under 300 MB. Memory is the peak PSS summed over the worker's "
             "processes (a page the pool children share with the main process counts once); the RSS sum beside "
             "it counts shared pages in every process.", "", header, "", *table, "",
-            "## Where the time goes (one record_payment, in-process, pyinstrument)", "", "```", where, "```", ""]
+            "## Where the time goes under load (py-spy, record_payment through the worker, relay beside it)", "",
+            "Shares of the pool processes' samples; a stop counts every sample taken inside it." if load else
+            "py-spy is not installed (pip install '.[bench]').", "",
+            *(["| stop | share | note |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in load] if load else []),
+            "", "## One record_payment in detail (in-process, pyinstrument)", "", "```", where, "```", ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(text))
 
 

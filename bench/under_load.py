@@ -1,0 +1,97 @@
+"""Where a worker's time goes under record_payment load: py-spy samples of the pool processes and
+of the main process, while the relay runs beside them, summed into the stops of a message's path."""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.harness import Environment, relay, wait, worker
+from bench.payments import payment_bodies, publish
+
+# (label, a frame that marks it): a sample counts for every stop whose frame is on its stack.
+STOPS = [
+    ("the task, from the pool's view", "trace_task (celery/app/trace.py"),
+    ("  parse the body (pydantic)", "parse (worker/handling.py"),
+    ("  claim the messageId (inbox)", "UnitOfWork.claim"),
+    ("  find and lock the invoice (ORM load)", "UnitOfWork.find"),
+    ("  the domain operation", "InvoicePayments.record_payment"),
+    ("  commit: ORM flush, inbox outcome, outbox, COMMIT", "UnitOfWork.commit"),
+]
+# Leaf frames in which a process waits on PostgreSQL (or for a core to run on).
+DATABASE_WAIT = ("psycopg/connection.py", "psycopg/_cursor_base.py", "psycopg/_connection_base.py")
+
+
+def py_spy() -> str | None:
+    found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return found if Path(found).exists() else None
+
+
+def run(env: Environment, numbers: list[str], count: int, concurrency: int) -> list[tuple[str, str, str]]:
+    """Rows of (stop, share of the pool processes' samples, note); empty when py-spy is missing."""
+    spy = py_spy()
+    if spy is None:
+        return []
+    proc, rel = worker(concurrency), relay()
+    out = Path(tempfile.mkdtemp(prefix="bench-spy-"))
+    main = psutil.Process(proc.proc.pid)
+    pids = {"main": main.pid, **{f"pool-{i}": c.pid for i, c in enumerate(main.children(recursive=True))}}
+    spies = [subprocess.Popen([spy, "record", "-p", str(pid), "-o", str(out / f"{name}.txt"), "-f", "raw", "-r", "100",
+                               "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name, pid in pids.items()]
+    try:
+        applied = "SELECT count(*) FROM inbox WHERE task = 'invoices.record_payment'"
+        before = env.sql(applied)[0][0]
+        started = time.monotonic()
+        publish("invoices.record_payment", payment_bodies(numbers, count), "invoices.payments")
+        wait(lambda: env.sql(applied)[0][0] >= before + count, 300, interval=0.1)
+        seconds = time.monotonic() - started
+    finally:
+        for s in spies:
+            s.send_signal(signal.SIGINT)
+        for s in spies:
+            s.wait(30)
+        rel.stop()
+        proc.stop()
+    pool = _samples([out / f"{name}.txt" for name in pids if name != "main"])
+    main_samples = _samples([out / "main.txt"])
+    total = pool["total"] or 1
+    rows = [(label, f"{pool[frame] / total:.0%}", "") for label, frame in STOPS]
+    rows.append(("  of all that: runnable inside psycopg's send or wait", f"{pool['wait'] / total:.0%}",
+                 "a process blocked on the server is idle and not sampled, so this is mostly waiting for a core"))
+    rows.append(("the pool's own work outside the task", f"{(total - pool[STOPS[0][1]]) / total:.0%}",
+                 "receiving the request from the main process, returning the result"))
+    busy = total / (len(pids) - 1) / 100 / seconds
+    rows.append(("pool processes busy", f"{busy:.0%}", f"{count:,} messages in {seconds:.1f} s; the rest is idle, "
+                 "blocked on PostgreSQL's reply or on the next message"))
+    rows.append(("the main process busy", f"{main_samples['total'] / 100 / seconds:.0%}",
+                 "fetching from Redis, handing messages to the pool, acknowledging"))
+    return rows
+
+
+def _samples(paths: list[Path]) -> dict[str, Any]:
+    counts: dict[str, Any] = collections.Counter()
+    for path in paths:
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            if not n.isdigit():
+                continue
+            frames = stack.split(";")
+            counts["total"] += int(n)
+            if any(marker in frames[-1] for marker in DATABASE_WAIT):
+                counts["wait"] += int(n)
+            for _, frame in STOPS:
+                if any(frame in f for f in frames):
+                    counts[frame] += int(n)
+    return counts
