@@ -23,7 +23,8 @@ def retry_policy() -> dict:
     """The retry schedule of failed saved-card payments (PAYMENT_RETRY_DAYS, PAYMENT_HARD_DECLINE_CODES)."""
     config = settings()
     return {
-        "retry_after": tuple(timedelta(days=float(d)) for d in config.payment_retry_days),
+        # Days may be fractions (Decimal); whole microseconds keep them exact.
+        "retry_after": tuple(timedelta(microseconds=int(d * 86_400_000_000)) for d in config.payment_retry_days),
         "hard_decline_codes": frozenset(config.payment_hard_decline_codes),
     }
 

@@ -77,5 +77,5 @@ class InvoiceTask(Task):
 
 def backoff(retries: int) -> float:
     """Equal jitter: half of min(cap, 2^retries) seconds fixed, the other half random."""
-    ceiling = min(float(settings().task_retry_backoff_max), 2.0 ** retries)
+    ceiling = min(settings().task_retry_backoff_max, 2 ** retries)
     return ceiling / 2 + random.uniform(0, ceiling / 2)
