@@ -45,6 +45,10 @@ def profile(numbers: list[str]) -> str:
     return "\n".join(line for line in text.splitlines()[6:60] if line.strip())
 
 
+def memory(part: dict) -> str:
+    return f"PSS {part['pss_mb']:.0f} MB (RSS sum {part['rss_mb']:.0f})"
+
+
 class Rows(list):
     """The table, printed row by row as the parts finish."""
 
@@ -70,7 +74,7 @@ def main() -> int:
     try:
         numbers = payments.setup_invoices(env, n_inv)
         a = payments.ceiling_a(env, n_pay, concurrency)
-        rows.append(("A: no-op Celery task", f"{a['rate']:.0f} msg/s", f"worker PSS {a['pss_mb']:.0f} MB (RSS sum {a['rss_mb']:.0f})"))
+        rows.append(("A: no-op Celery task", f"{a['rate']:.0f} msg/s", f"worker {memory(a)}"))
         b = payments.ceiling_b(env, numbers, 10 if not args.quick else 3)
         rows.append(("B: record_payment's SQL, tight psycopg loop", f"{b['rate']:.0f} tx/s",
                      f"{b['statements']} statements per transaction"))
@@ -78,12 +82,12 @@ def main() -> int:
         e2e = payments.end_to_end(env, bodies, concurrency)
         rows.append((f"end to end: {n_pay:,} record_payment on {n_inv:,} invoices", f"{e2e['rate']:.0f} msg/s",
                      f"{e2e['rate'] / a['rate']:.0%} of A, {e2e['rate'] / b['rate']:.0%} of B; "
-                     f"worker PSS {e2e['pss_mb']:.0f} MB (RSS sum {e2e['rss_mb']:.0f})"))
+                     f"worker {memory(e2e)}"))
         lat = payments.latency(env, numbers, 200, lat_seconds, concurrency)
         rows.append((f"latency at 200 msg/s for {lat_seconds} s", f"p50 {lat['p50']:.1f} ms",
                      f"p95 {lat['p95']:.1f} ms, p99 {lat['p99']:.1f} ms ({lat['count']} events"
                      f"{', ' + str(lat['missing']) + ' not within 60 s' if lat['missing'] else ''}); "
-                     f"worker+relay PSS {lat['pss_mb']:.0f} MB (RSS sum {lat['rss_mb']:.0f})"))
+                     f"worker+relay {memory(lat)}"))
         rows.append(("commit to publish (the relay's share of the above)", f"p50 {lat['commit_to_publish_p50']:.1f} ms",
                      f"p99 {lat['commit_to_publish_p99']:.1f} ms (outbox insert to broker accepted)"))
         # The same at half the rate, which this machine sustains, to separate queueing from the path itself.
@@ -93,11 +97,11 @@ def main() -> int:
                      f"publish p50 {half['commit_to_publish_p50']:.1f} ms, p99 {half['commit_to_publish_p99']:.1f} ms"))
         dup = payments.duplicates(env, bodies, concurrency)
         rows.append((f"duplicates: the same {n_pay:,} again", f"{dup['rate']:.0f} msg/s",
-                     f"{dup['rate'] / a['rate']:.0%} of A; worker PSS {dup['pss_mb']:.0f} MB (RSS sum {dup['rss_mb']:.0f})"))
+                     f"{dup['rate'] / a['rate']:.0%} of A; worker {memory(dup)}"))
         imp = bulk_import.run(env, n_import, concurrency)
         rows.append((f"bulk import: {n_import:,} invoices × 3 lines, through the worker",
                      f"{imp['worker']['rate']:.0f} invoices/s",
-                     f"{imp['ratio']:.0%} of raw COPY; worker PSS {imp['worker']['pss_mb']:.0f} MB (RSS sum {imp['worker']['rss_mb']:.0f})"))
+                     f"{imp['ratio']:.0%} of raw COPY; worker {memory(imp['worker'])}"))
         rows.append(("bulk import: raw COPY of the same rows", f"{imp['copy']['rate']:.0f} invoices/s", ""))
         load = under_load.run(env, numbers, 1000 if args.quick else 4000, concurrency)
         where = profile(numbers)
@@ -110,8 +114,8 @@ def main() -> int:
 
 def write(rows: list[tuple[str, str, str]], load: list[tuple[str, str, str]], where: str, total: float, quick: bool,
           concurrency: int) -> None:
-    memory = psutil.virtual_memory().total / 2**30
-    header = (f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores, {memory:.0f} GiB, "
+    ram = psutil.virtual_memory().total / 2**30
+    header = (f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores, {ram:.0f} GiB, "
               f"worker concurrency {concurrency}{' (quick run)' if quick else ''}; whole run {total:.0f} s.")
     table = ["| part | result | beside it |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     print(header)
