@@ -112,13 +112,9 @@ GC_THRESHOLD = (10_000, 20, 20)
 @signals.worker_init.connect
 def _freeze_startup_objects(**_: object) -> None:
     """Before the pool forks: the objects of start-up are never collected, so the collector does not
-    walk them again and again, nor write to the pages the pool processes share with this one."""
+    walk them again and again, nor write to the pages the pool processes share with this one. The
+    pool processes inherit both the frozen objects and the threshold (checked in a pool process)."""
     gc.freeze()
-    gc.set_threshold(*GC_THRESHOLD)
-
-
-@signals.worker_process_init.connect
-def _tune_collector(**_: object) -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
