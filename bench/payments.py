@@ -111,19 +111,26 @@ def ceiling_b(env: Environment, numbers: list[str], seconds: float) -> dict[str,
     return {"rate": done / (time.monotonic() - started), "statements": len(statements)}
 
 
-def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
-    """From the first publish to the last event published, with the relay running."""
+def publish_payments_until_applied(env: Environment, bodies: list[dict[str, Any]]) -> float:
+    """Publish record_payment bodies and wait until each has its inbox record and was acknowledged;
+    return when publishing began (monotonic)."""
     applied = "SELECT count(*) FROM inbox WHERE task = 'invoices.record_payment'"
     # Ceiling B's loop wrote inbox rows of the same task: count from here, not from zero, or the
     # part would end (and leave messages queued for the next one) before its own were applied.
     before = env.sql(applied)[0][0]
+    started = time.monotonic()
+    publish("invoices.record_payment", bodies, "invoices.payments")
+    wait(lambda: env.sql(applied)[0][0] >= before + len(bodies), 300, interval=0.1)
+    wait(env.queue_drained, 30)
+    return started
+
+
+def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+    """From the first publish to the last event published, with the relay running."""
     proc, rel = worker(concurrency), relay()
     try:
         with PeakMemory(proc) as memory:
-            started = time.monotonic()
-            publish("invoices.record_payment", bodies, "invoices.payments")
-            wait(lambda: env.sql(applied)[0][0] >= before + len(bodies), 300, interval=0.1)
-            wait(env.queue_drained, 30)  # and acknowledged
+            started = publish_payments_until_applied(env, bodies)
             done = wait(lambda: env.sql("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0] == 0, 120)
         return {"rate": len(bodies) / (done - started), "seconds": done - started, "pss_mb": memory.mb, "rss_mb": memory.rss_mb}
     finally:

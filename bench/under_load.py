@@ -15,8 +15,8 @@ from typing import Any
 
 import psutil
 
-from bench.harness import Environment, relay, wait, worker
-from bench.payments import payment_bodies, publish
+from bench.harness import Environment, relay, worker
+from bench.payments import payment_bodies, publish_payments_until_applied
 
 # (label, a frame that marks it): a sample counts for every stop whose frame is on its stack.
 STOPS = [
@@ -49,11 +49,7 @@ def run(env: Environment, numbers: list[str], count: int, concurrency: int) -> l
                                "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for name, pid in pids.items()]
     try:
-        applied = "SELECT count(*) FROM inbox WHERE task = 'invoices.record_payment'"
-        before = env.sql(applied)[0][0]
-        started = time.monotonic()
-        publish("invoices.record_payment", payment_bodies(numbers, count), "invoices.payments")
-        wait(lambda: env.sql(applied)[0][0] >= before + count, 300, interval=0.1)
+        started = publish_payments_until_applied(env, payment_bodies(numbers, count))
         seconds = time.monotonic() - started
     finally:
         for s in spies:
