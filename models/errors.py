@@ -25,3 +25,16 @@ class PaymentNotYetKnown(Exception):
 
     def __str__(self) -> str:
         return f"payment {self.payment_id} of invoice {self.invoice_number} is not known yet"
+
+
+class InvoiceNotYetKnown(Exception):
+    """A message names an invoice that does not exist yet: its order_shipped or create may still be
+    on its way through another queue (CONTRACT.md section 4). Retried until `wait_left` runs out."""
+
+    def __init__(self, invoice: str, wait_left: float) -> None:
+        super().__init__(invoice, wait_left)  # both in args, so that the error pickles
+        self.invoice = invoice
+        self.wait_left = wait_left
+
+    def __str__(self) -> str:
+        return f"invoice {self.invoice} is not known yet; waiting up to {self.wait_left:.1f}s more for it"

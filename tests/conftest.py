@@ -31,9 +31,13 @@ TEST_ENV = {
     "CALLBACK_SIGNING_SECRET": "test-secret",
     # Retries due at once, then 1.7 s and 3.5 s after the first failure.
     "PAYMENT_RETRY_DAYS": "0,0.00002,0.00004",
+    # A message naming a missing invoice waits this long for it (out of order across queues).
+    "INVOICE_WAIT_SECONDS": "2",
 }
+# How the tests start Python processes of the project: SQLAlchemy's warnings are errors there too.
+STRICT_PYTHON = [sys.executable, "-m", "tests.strict"]
 TABLES = ("refunds", "payments", "line_items", "invoices", "inbox", "outbox", "dead_letters",
-          "invoice_number_sequences")
+          "invoice_number_sequences", "deleted_invoices", "invoice_waits", "delivery_counts")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
@@ -98,7 +102,10 @@ def _reload_settings() -> None:
 
     settings.cache_clear()
     db.reset()
+    from worker.redis_transport import transport_for
+
     app.conf.broker_url = os.environ["BROKER_URL"]
+    app.conf.broker_transport = transport_for(app.conf.broker_url)
 
 
 @pytest.fixture
@@ -159,7 +166,7 @@ class Processes:
 
         node = name or f"test-{uuid.uuid4().hex[:6]}@localhost"
         proc, log = self._spawn("worker", [
-            sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", queues or ",".join(QUEUES),
+            *STRICT_PYTHON, "celery", "-A", "worker", "worker", "-Q", queues or ",".join(QUEUES),
             "-c", str(concurrency), "-n", node, "--loglevel", "INFO", "--without-mingle", "--without-gossip",
             "--without-heartbeat",
         ], extra_env)
@@ -170,9 +177,15 @@ class Processes:
         return proc
 
     def relay(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        proc, log = self._spawn("relay", [sys.executable, "-m", "worker.cli", "relay"], extra_env)
+        proc, log = self._spawn("relay", [*STRICT_PYTHON, "worker.cli", "relay"], extra_env)
         wait_for(lambda: b"relay: publishing" in log.read_bytes() or proc.poll() is not None, 30,
                  what="the relay to start")
+        proc.log = log  # type: ignore[attr-defined]
+        return proc
+
+    def beat(self, schedule: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        proc, log = self._spawn("beat", [*STRICT_PYTHON, "celery", "-A", "worker", "beat", "--loglevel", "INFO",
+                                         "-s", str(schedule)], extra_env)
         proc.log = log  # type: ignore[attr-defined]
         return proc
 

@@ -10,6 +10,7 @@ from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from worker.config import ConfigurationError, settings
+from worker.redis_transport import transport_for
 
 QUEUES = {
     "invoices.orders": ("invoices.order_shipped",),
@@ -44,8 +45,11 @@ def _broker_url() -> str | None:
 def make_app() -> Celery:
     config = settings()
     app = Celery("worker")
+    url = _broker_url()
     app.conf.update(
-        broker_url=_broker_url(),
+        broker_url=url,
+        # Redis: kombu's transport, handing back at once what a broker restart left unacknowledged.
+        broker_transport=transport_for(url),
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -56,6 +60,10 @@ def make_app() -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
+        # A task running when the broker connection drops cannot be acknowledged any more: its message
+        # is handed back and runs again. Stop the old run at once rather than let two runs race (both
+        # would be safe, by the inbox, but one is wasted); Celery 6 makes this the default.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         # Tasks can be long (bulk imports): one message at a time per pool process.
         worker_prefetch_multiplier=config.worker_prefetch_multiplier,
         worker_concurrency=config.worker_concurrency,
@@ -125,5 +133,6 @@ def publishing_app() -> Celery:
     url = broker_url()
     if app.conf.broker_url != url:
         app.conf.broker_url = url
+        app.conf.broker_transport = transport_for(url)
     return app
 

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     # The longest back-off between two retries of a passing fault, and how many retries.
     task_retry_backoff_max: int = Field(default=600, ge=1)
     task_max_retries: int = Field(default=8, ge=0)
+    # Out of order across queues (CONTRACT.md section 4): a message naming an invoice that does not
+    # exist yet is retried for this long after it was first seen, then rejected invoice-not-found.
+    invoice_wait_seconds: float = Field(default=120.0, ge=0)
+    # Poison messages (section 4): a message that has started this many times without reaching an
+    # outcome (its process died each time) is dead-lettered worker-lost before it runs again.
+    max_deliveries: int = Field(default=5, ge=1)
     # How many outbox rows the relay publishes per transaction.
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     import_batch_size: int = Field(default=1000, ge=1, le=10_000)

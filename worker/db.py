@@ -26,7 +26,11 @@ def engine() -> Engine:
             _engine = create_engine(database_url(), pool_size=4, max_overflow=4,
                                     pool_recycle=1800)
             _engine_pid = os.getpid()
-            _sessions = sessionmaker(_engine, expire_on_commit=False)
+            # No autoflush: the unit of work writes everything at commit, in one flush. With autoflush
+            # on, a lazy load inside a domain operation (the invoice's payments, read when a payment
+            # settles it) flushed the half-built change, and SQLAlchemy warned that the new Payment
+            # was "not in session" (it is added by the unit of work at commit).
+            _sessions = sessionmaker(_engine, expire_on_commit=False, autoflush=False)
         return _engine
 
 

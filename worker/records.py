@@ -80,3 +80,41 @@ class InvoiceNumberSequence(Base):
 
     tenant_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     last_value: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class DeletedInvoice(Base):
+    """The tombstone of a deleted invoice: a later message naming it is rejected at once (it does not
+    wait for the invoice to arrive), and `invoices get` says when and by which message it went."""
+
+    __tablename__ = "deleted_invoices"
+    __table_args__ = (Index("ix_deleted_invoices_number", "tenant_id", "invoice_number"),)
+
+    invoice_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(200))
+    invoice_number: Mapped[str] = mapped_column(String(200))
+    message_id: Mapped[str | None] = mapped_column(String(200))
+    task: Mapped[str] = mapped_column(String(100))
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+
+
+class InvoiceWait(Base):
+    """When a message naming a not-yet-existing invoice was first seen (CONTRACT.md section 4)."""
+
+    __tablename__ = "invoice_waits"
+
+    tenant_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+
+
+class DeliveryCount(Base):
+    """How many times a redelivered message has started without reaching an outcome (poison
+    messages, CONTRACT.md section 4). A first delivery writes nothing: only redeliveries count."""
+
+    __tablename__ = "delivery_counts"
+
+    delivery_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    task: Mapped[str] = mapped_column(String(200))
+    starts: Mapped[int] = mapped_column(Integer)
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))

@@ -20,15 +20,25 @@ def sign(body: dict[str, Any], secret: str) -> str:
     return hmac.new(secret.encode("utf-8"), canonical(body), hashlib.sha256).hexdigest()
 
 
-def verify(body: dict[str, Any], secret: str) -> str | None:
-    """None when the signature is right, else why it is not. Compared in constant time."""
+def secrets_of(setting: str) -> tuple[str, ...]:
+    """CALLBACK_SIGNING_SECRET as its secrets: a comma-separated list while a secret is rotated."""
+    return tuple(s.strip() for s in setting.split(",") if s.strip())
+
+
+def verify(body: dict[str, Any], secrets: str | tuple[str, ...]) -> str | None:
+    """None when the signature is right under any of the secrets, else why it is not. Every
+    secret is compared in constant time, so the answer does not tell which one came closer."""
+    if isinstance(secrets, str):
+        secrets = secrets_of(secrets)
     given = body.get("signature")
     if not isinstance(given, str) or not given:
         return "the callback carries no signature"
     try:
-        expected = sign(body, secret)
+        expected = [sign(body, secret) for secret in secrets]
     except (TypeError, ValueError) as exc:
         return f"the callback cannot be serialised for signing: {exc}"
-    if not hmac.compare_digest(given.encode("utf-8", errors="replace"), expected.encode("ascii")):
-        return "the signature does not match the body"
+    given_bytes = given.encode("utf-8", errors="replace")
+    matches = [hmac.compare_digest(given_bytes, e.encode("ascii")) for e in expected]
+    if not any(matches):
+        return "the signature does not match the body under any configured secret"
     return None

@@ -10,9 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from worker.celery_app import QUEUES
 from worker.config import settings
@@ -80,7 +82,7 @@ def run() -> int:
         migrate.upgrade(database_url)
         print("database schema is current", flush=True)
         env = {**os.environ, "DATABASE_URL": database_url, "BROKER_URL": broker_url}
-        procs = children(str(config.data_dir.resolve()))
+        procs = children(str(_state_dir(config.data_dir)))
         for child in procs:
             child.start(env)
         print("worker, beat and relay running; Ctrl-C stops them", flush=True)
@@ -92,6 +94,24 @@ def run() -> int:
             servers.stop()
         print("stopped", flush=True)
     return 0
+
+
+def _state_dir(data_dir: Path) -> Path:
+    """Where beat keeps its schedule file: DATA_DIR, made when missing (a service manager starts
+    the worker from a folder without .data/, and beat died on the missing folder every 30 s); a
+    private temporary folder when DATA_DIR cannot be written. The file only remembers when each
+    scan last ran, and a scan repeated is harmless (CONTRACT.md section 8)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".writable"
+        probe.touch()
+        probe.unlink()
+        return data_dir.resolve()
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir()) / f"invoice-worker-{os.getuid()}"
+        fallback.mkdir(mode=0o700, exist_ok=True)
+        log.warning("DATA_DIR %s is not writable (%s); beat keeps its schedule in %s", data_dir, exc, fallback)
+        return fallback
 
 
 def _supervise(procs: list[Child], env: dict[str, str], stop: threading.Event) -> None:

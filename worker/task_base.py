@@ -13,8 +13,8 @@ from celery import Task
 from pydantic import BaseModel
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from models.errors import PaymentNotYetKnown
-from worker import dead_letters
+from models.errors import InvoiceNotYetKnown, PaymentNotYetKnown
+from worker import dead_letters, deliveries
 from worker.config import settings
 from worker.handling import MalformedMessage, Operation, dead_letter, execute, parse
 
@@ -33,6 +33,21 @@ class InvoiceTask(Task):
     acks_late = True
     reject_on_worker_lost = True
     max_retries = settings().task_max_retries
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the message, unless it is a poison message: one that has already started
+        MAX_DELIVERIES times without reaching an outcome. Only redeliveries are counted.
+        (Called by Celery's tracer with the request already pushed, so this calls run directly.)"""
+        request = self.request
+        if (request.delivery_info or {}).get("redelivered") and request.id:
+            starts = self.retrying(lambda: deliveries.count_start(str(request.id), self.name))
+            limit = settings().max_deliveries
+            body = args[0] if args else None
+            if starts > limit and not self.retrying(lambda: deliveries.has_outcome(body)):
+                error = (f"the message started {starts - 1} times and its worker process died each time "
+                         f"(MAX_DELIVERIES={limit}); it is not run again")
+                return self.retrying(lambda: dead_letter(self.delivery(body), "worker-lost", error).to_dict())
+        return self.run(*args, **kwargs)
 
     def delivery(self, body: Any) -> dead_letters.Delivery:
         request = self.request
@@ -58,6 +73,10 @@ class InvoiceTask(Task):
         out, the fault is raised and on_failure dead-letters the message."""
         try:
             return work()
+        except InvoiceNotYetKnown as exc:
+            # Out of order across queues: bounded by time (INVOICE_WAIT_SECONDS), not by TASK_MAX_RETRIES.
+            countdown = min(backoff(self.request.retries), exc.wait_left + 0.5)
+            raise self.retry(exc=exc, countdown=countdown, max_retries=self.request.retries + 1) from None
         except TRANSIENT as exc:
             raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from None
 

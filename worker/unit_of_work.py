@@ -12,10 +12,11 @@ from sqlalchemy import bindparam, exists, false, func, literal, null, select, tr
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from models.errors import DomainError
+from models.errors import DomainError, InvoiceNotYetKnown
 from models.invoice import Invoice
 from models.rules import invoice_number_for
-from worker.records import InboxMessage, InvoiceNumberSequence, OutboxEvent
+from worker.config import settings
+from worker.records import DeletedInvoice, InboxMessage, InvoiceNumberSequence, InvoiceWait, OutboxEvent
 
 
 @dataclass
@@ -82,6 +83,16 @@ RECORD = (
             result=bindparam("result"))
 )
 OUTBOX_INSERT = OutboxEvent.__table__.insert()
+TOMBSTONE_INSERT = DeletedInvoice.__table__.insert()
+WAITS = InvoiceWait.__table__
+# When this message first looked for its invoice, kept across its retries (a statement of its own
+# transaction: the message's transaction rolls back). Runs only when an invoice is missing.
+_WAITED = (
+    insert(WAITS).values(tenant_id=bindparam("tenant"), message_id=bindparam("message"))
+    .on_conflict_do_update(index_elements=[WAITS.c.tenant_id, WAITS.c.message_id],
+                           set_={"first_seen": WAITS.c.first_seen})
+    .returning(func.extract("epoch", func.clock_timestamp() - WAITS.c.first_seen).label("waited"))
+)
 
 ID_NAMESPACE = uuid.UUID("5d6f0c1e-8a7b-4c3d-9e2f-1a0b2c3d4e5f")
 
@@ -171,6 +182,9 @@ class UnitOfWork:
         ).first()
 
     def invoice(self, address: InvoiceAddress) -> Invoice:
+        """The invoice the message names, locked. A deleted one is rejected at once; one that does
+        not exist yet is waited for (INVOICE_WAIT_SECONDS after the message was first seen), then
+        rejected invoice-not-found."""
         invoice = self.find(address)
         if invoice is None:
             if address.invoice_id is not None and address.invoice_number is not None and self.find(
@@ -178,9 +192,37 @@ class UnitOfWork:
             ):
                 raise DomainError("invoice-address-mismatch",
                                   f"invoiceId {address.invoice_id} and invoiceNumber {address.invoice_number} name different invoices")
-            raise DomainError("invoice-not-found", f"tenant {self.tenant_id} has no invoice {address.describe()}")
+            gone = self.tombstone(address)
+            if gone is not None:
+                raise DomainError("invoice-not-found",
+                                  f"{gone.invoice_number} of tenant {self.tenant_id} was deleted at "
+                                  f"{gone.deleted_at.isoformat(timespec='seconds')} by message {gone.message_id}")
+            self._wait_for(address)
         self._touched.append(invoice)
         return invoice
+
+    def tombstone(self, address: InvoiceAddress) -> DeletedInvoice | None:
+        """The record of the tenant's deleted invoice at that address, if it was deleted."""
+        query = select(DeletedInvoice).where(DeletedInvoice.tenant_id == self.tenant_id)
+        if address.invoice_id is not None:
+            query = query.where(DeletedInvoice.invoice_id == address.invoice_id)
+        if address.invoice_number is not None:
+            query = query.where(DeletedInvoice.invoice_number == address.invoice_number)
+        return self.session.scalars(query.order_by(DeletedInvoice.deleted_at.desc())).first()
+
+    def _wait_for(self, address: InvoiceAddress) -> None:
+        """Raise InvoiceNotYetKnown (a passing fault) while the wait lasts, else the rejection."""
+        wait = settings().invoice_wait_seconds
+        missing = f"tenant {self.tenant_id} has no invoice {address.describe()}"
+        if self.message_id is None or wait <= 0:
+            raise DomainError("invoice-not-found", missing)
+        with self.session.get_bind().connect() as connection:  # its own transaction, committed now
+            waited = float(connection.execute(_WAITED, {"tenant": self.tenant_id, "message": self.message_id})
+                           .scalar_one())
+            connection.commit()
+        if waited < wait:
+            raise InvoiceNotYetKnown(address.describe(), wait - waited)
+        raise DomainError("invoice-not-found", f"{missing} (waited {waited:.0f}s for it to arrive)")
 
     def add(self, invoice: Invoice) -> Invoice:
         self.session.add(invoice)
@@ -246,6 +288,10 @@ class UnitOfWork:
             invoice.pending_events.clear()
             if invoice.is_deleted:
                 self.session.delete(invoice)
+                self.session.connection().execute(TOMBSTONE_INSERT, {
+                    "invoice_id": invoice.id, "tenant_id": invoice.tenant_id, "invoice_number": invoice.invoice_number,
+                    "message_id": self.message_id, "task": self.task,
+                })
 
     def commit_changes(self) -> None:
         """Commit the touched invoices and their events, with no inbox record (scheduler work)."""
