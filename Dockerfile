@@ -1,6 +1,7 @@
 FROM python:3.11-slim
 WORKDIR /app
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# REMAP_SIGTERM: SIGTERM (docker stop) as Celery's cold shutdown, bounded by WORKER_SOFT_SHUTDOWN_SECONDS.
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 REMAP_SIGTERM=SIGQUIT
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY tasks ./tasks
