@@ -63,6 +63,17 @@ class Settings(BaseSettings):
     # Poison messages (section 4): a message that has started this many times without reaching an
     # outcome (its process died each time) is dead-lettered worker-lost before it runs again.
     max_deliveries: int = Field(default=5, ge=1)
+    # Bounds on one message's work: a statement, a wait for a row lock, a task. A lock wait that runs
+    # out is a conflict, retried (an import holding 10,000 invoices does not stall every pool process);
+    # a task past its soft limit is dead-lettered; past the hard limit its process is replaced and
+    # the message counts a delivery (poison messages). Sized from `make bench`: a 10,000-entry import
+    # takes 2-5 s on 2 cores, a payment milliseconds.
+    statement_timeout_ms: int = Field(default=60_000, ge=0)
+    lock_timeout_ms: int = Field(default=10_000, ge=0)
+    task_soft_time_limit: float = Field(default=300.0, gt=0)
+    task_time_limit: float = Field(default=330.0, gt=0)
+    # A message body larger than this is dead-lettered `too-large` before it is decoded.
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # How many outbox rows the relay publishes per transaction.
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     import_batch_size: int = Field(default=1000, ge=1, le=10_000)

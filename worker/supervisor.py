@@ -73,8 +73,10 @@ def run() -> int:
         if broker_url is None:
             broker_url = servers.start_broker()
         write_endpoints(database_url, broker_url)
-        print(f"embedded PostgreSQL: {database_url}", flush=True)
-        print(f"embedded Redis-compatible broker: {broker_url}", flush=True)
+        # Passwords hidden: one of the two URLs may be a configured one.
+        print(f"{'embedded PostgreSQL' if config.database_url is None else 'database'}: {_safe(database_url)}", flush=True)
+        print(f"{'embedded Redis-compatible broker' if config.broker_url is None else 'broker'}: {_safe(broker_url)}",
+              flush=True)
     else:
         print(f"database: {_safe(database_url)}\nbroker: {_safe(broker_url)}", flush=True)
 
@@ -158,4 +160,5 @@ def _safe(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
-        return url.split("@")[-1]
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.split('@')[-1]}" if "@" in rest else url
