@@ -1,7 +1,6 @@
 FROM python:3.11-slim
 WORKDIR /app
-# REMAP_SIGTERM: SIGTERM (docker stop) as Celery's cold shutdown, bounded by WORKER_SOFT_SHUTDOWN_SECONDS.
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 REMAP_SIGTERM=SIGQUIT
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY tasks ./tasks

@@ -67,8 +67,6 @@ def make_app() -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         task_soft_time_limit=config.task_soft_time_limit,
         task_time_limit=config.task_time_limit,
-        # A bounded stop: running tasks get this long after SIGTERM, then stop and are handed back.
-        worker_soft_shutdown_timeout=config.worker_soft_shutdown_seconds,
         # Tasks can be long (bulk imports): one message at a time per pool process.
         worker_prefetch_multiplier=config.worker_prefetch_multiplier,
         worker_concurrency=config.worker_concurrency,

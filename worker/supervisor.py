@@ -20,8 +20,6 @@ from worker.celery_app import QUEUES
 from worker.config import settings
 
 log = logging.getLogger(__name__)
-# Beyond the worker's soft shutdown: the time its pool needs to stop after that.
-STOP_MARGIN_SECONDS = 6.0
 
 
 @dataclass
@@ -84,9 +82,7 @@ def run() -> int:
     try:
         migrate.upgrade(database_url)
         print("database schema is current", flush=True)
-        # SIGTERM as Celery's cold shutdown: running tasks get WORKER_SOFT_SHUTDOWN_SECONDS, then stop
-        # (a warm shutdown would wait for them without bound).
-        env = {"REMAP_SIGTERM": "SIGQUIT", **os.environ, "DATABASE_URL": database_url, "BROKER_URL": broker_url}
+        env = {**os.environ, "DATABASE_URL": database_url, "BROKER_URL": broker_url}
         procs = children(str(_state_dir(config.data_dir)))
         for child in procs:
             child.start(env)
@@ -139,7 +135,7 @@ def _stop_children(procs: list[Child]) -> None:
     live = [c for c in procs if c.alive()]
     for child in live:
         child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-    deadline = time.monotonic() + settings().worker_soft_shutdown_seconds + STOP_MARGIN_SECONDS
+    deadline = time.monotonic() + settings().worker_stop_seconds
     for child in live:
         try:
             child.process.wait(max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
