@@ -50,7 +50,8 @@ def jsonable(value: Any) -> Any:
     try:
         text = json.dumps(value)
     except (TypeError, ValueError, RecursionError, OverflowError) as exc:
-        shown = reprlib.Repr(maxlevel=20, maxstring=10_000, maxother=10_000)
+        shown = reprlib.Repr()  # bounded: depth 6, strings and lists cut short
+        shown.maxstring = shown.maxother = 10_000
         return {"unserialisable": shown.repr(value), "error": f"{type(exc).__name__}: {exc}"[:1000]}
     if len(text) > MAX_STORED_BYTES or _UNSTORABLE_ESCAPE.search(text):
         return _raw(text.encode("utf-8", errors="surrogatepass"), "json")
