@@ -39,4 +39,4 @@ def test_database_stopped_and_connections_killed_mid_stream(scenario, reliabilit
         done - cleared))
     tap.close()
     verdict.assert_holds()
-    assert killed >= 2, "the worker's and the relay's connections were terminated"
+    assert killed >= 1, "connections of the worker or the relay were terminated"

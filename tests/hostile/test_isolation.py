@@ -10,6 +10,7 @@ import psycopg
 from kombu import Connection, Producer
 
 from tests.conftest import EventCollector
+from tests.faults.conftest import fault_environment, scenario  # noqa: F401 - shared fixtures
 from worker import db, relay
 from worker.relay import MAX_EVENT_BYTES, Relay, libpq_url
 
@@ -23,8 +24,9 @@ def outbox_row(conn: psycopg.Connection, payload_size: int = 10) -> str:
     return event_id
 
 
-def test_an_event_too_large_to_send_is_parked_and_the_others_flow(database, broker):
-    url = database
+def test_an_event_too_large_to_send_is_parked_and_the_others_flow(scenario):
+    """On the fault suite's own servers: no other relay takes the rows."""
+    url, broker = scenario.database_url, scenario.broker_url
     collector = EventCollector(broker)
     with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         before = outbox_row(conn)
