@@ -345,9 +345,14 @@ def test_void_only_from_draft_or_issued():
 
 
 def test_void_rejected_while_a_completed_payment_is_unrefunded():
-    invoice = issued()
+    invoice = issued(lines=[("1", "100.00", "0")])
     payment_id = pay(invoice, "100.00")
-    invoice.refund(refund_id=uuid.uuid4(), payment_id=payment_id, amount=D(100), now=NOW)
+    invoice.refund(refund_id=uuid.uuid4(), payment_id=payment_id, amount=D(40), now=NOW)
+    assert invoice.status == "PartiallyPaid"
+    invoice.status = "Issued"  # as an adjusted invoice could be: only the unrefunded money blocks the void
+    error = rejects("invoice-has-payments", invoice.void)
+    assert "1 completed payment (60.00 USD); refund it first" in error.message
+    invoice.refund(refund_id=uuid.uuid4(), payment_id=payment_id, amount=D(60), now=NOW)
     invoice.void(now=NOW)  # refunded in full: Issued again, and voidable
     assert invoice.status == "Voided"
 
