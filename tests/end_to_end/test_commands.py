@@ -125,6 +125,21 @@ def test_an_address_whose_number_and_id_disagree_is_rejected(running):
     assert invoice_json(T, a["invoiceNumber"])["status"] == "Draft"
 
 
+def test_computed_amounts_round_half_up_to_the_currency(running):
+    T = new_tenant("t-cmd")
+    # 50% of 1.05 is 0.525: half-up gives 0.53 (half-even would give 0.52)
+    usd = command("invoices.create", T, **create_body(lineItems=[{"quantity": "1", "unitPrice": "1.05"}],
+                                                      discount={"type": "Percentage", "value": "50"}))
+    assert usd["outcome"] == "applied"
+    shown = invoice_json(T, usd["invoiceNumber"])
+    assert (shown["discountAmount"], shown["invoiceTotal"]) == ("0.53", "0.52")
+    # JPY has no minor unit: 25% of 10 is 2.5, rounded half-up to 3
+    jpy = command("invoices.create", T, **create_body(currency="JPY", lineItems=[{"quantity": "1", "unitPrice": "10"}],
+                                                      discount={"type": "Percentage", "value": "25"}))
+    shown = invoice_json(T, jpy["invoiceNumber"])
+    assert (shown["discountAmount"], shown["invoiceTotal"]) == ("3", "7")
+
+
 # ---------------------------------------------------------------- their events, as a kombu consumer reads them
 
 

@@ -27,9 +27,9 @@ def issued_invoice(tenant: str, **overrides) -> dict:
     return invoice_json(tenant, outcome["invoiceNumber"])
 
 
-def payment(tenant: str, number: str, amount: str, **extra) -> dict:
+def payment(tenant: str, number: str, amount: str | float, **extra) -> dict:
     return {"messageId": f"pay-{uuid.uuid4()}", "tenantId": tenant, "invoiceNumber": number, "amount": amount,
-            "currency": "USD", "paymentMethod": "EFT", **extra}
+            "currency": "USD", "paymentMethod": "EFT", "occurredAt": "2026-11-24T10:15:02.120+01:00", **extra}
 
 
 def database_conninfo() -> str:
@@ -56,13 +56,13 @@ def test_the_same_message_three_times_changes_the_invoice_once(running, own_work
     for _ in range(3):
         own_worker.send("invoices.record_payment", body)
     # One process takes its messages in the order sent: once the marker has its outcome, all three
-    # copies were handled.
-    marker = payment(tenant, invoice["invoiceNumber"], "1.00")
+    # copies were handled. (Its amount is a JSON number, which the contract accepts.)
+    marker = payment(tenant, invoice["invoiceNumber"], 1.5)
     own_worker.send("invoices.record_payment", marker)
     assert wait_outcome(tenant, marker["messageId"])["outcome"] == "applied"
     assert outcome_of(tenant, body["messageId"])["outcome"] == "applied"
     after = invoice_json(tenant, invoice["invoiceNumber"])
-    assert after["amountPaid"] == "11.00" and len(after["payments"]) == 2
+    assert after["amountPaid"] == "11.50" and len(after["payments"]) == 2
     assert [e["type"] for e in events_of(invoice["id"])].count("payment.recorded") == 2
     assert own_worker.log.count("'outcome': 'duplicate'") == 2  # this test's worker saw only this test's messages
 
@@ -137,7 +137,7 @@ def test_a_worker_killed_outright_loses_nothing(processes, database, broker):
 
 def malformed_bodies(tenant: str) -> dict[str, dict]:
     """Bodies of every malformed kind, with messageIds of this tenant's own."""
-    ids = {n: f"bad-{n}-{tenant}" for n in range(1, 9)}
+    ids = {n: f"bad-{n}-{tenant}" for n in range(1, 10)}
     return {
         "missing fields": {"messageId": ids[1], "tenantId": tenant},
         "wrong types": {"messageId": ids[2], "tenantId": tenant, "invoiceNumber": "INV-00001", "amount": {"x": 1},
@@ -154,7 +154,15 @@ def malformed_bodies(tenant: str) -> dict[str, dict]:
                                       "amount": "1.5", "currency": "JPY"},
         "unknown field": {"messageId": ids[8], "tenantId": tenant, "invoiceNumber": "INV-00001", "amount": "1.00",
                           "currency": "USD", "ammount": "2.00"},
+        "occurredAt without an offset": {"messageId": ids[9], "tenantId": tenant, "invoiceNumber": "INV-00001",
+                                         "amount": "1.00", "currency": "USD", "occurredAt": "2026-11-24T10:15:02"},
     }
+
+
+def bodies_without_a_usable_message_id(tenant: str) -> dict[str, dict]:
+    good = {"tenantId": tenant, "invoiceNumber": "INV-00001", "amount": "1.00", "currency": "USD"}
+    return {"no messageId": {**good, "notes": tenant}, "empty messageId": {**good, "messageId": ""},
+            "messageId over 200 characters": {**good, "messageId": "m" * 201}}
 
 
 def test_malformed_bodies_of_every_kind_are_dead_lettered_whole_and_the_worker_keeps_going(running):
@@ -164,6 +172,9 @@ def test_malformed_bodies_of_every_kind_are_dead_lettered_whole_and_the_worker_k
         send("invoices.record_payment", body)
     not_an_object = f"not an object ({tenant})"
     send("invoices.record_payment", not_an_object)
+    without_id = bodies_without_a_usable_message_id(tenant)
+    for body in without_id.values():
+        send("invoices.record_payment", body)
     stored = {}
     for kind, body in malformed.items():
         letter = wait_for(lambda: dead_letters_of(message_id=body["messageId"]), 30, what=f"the {kind} dead letter")[0]
@@ -177,6 +188,11 @@ def test_malformed_bodies_of_every_kind_are_dead_lettered_whole_and_the_worker_k
     assert "may not be negative" in negative or "greater than zero" in negative
     assert "JPY" in stored["too many decimals for JPY"]["error"]
     assert "ammount" in stored["unknown field"]["error"]
+    assert "occurredAt" in stored["occurredAt without an offset"]["error"]
+    for kind, body in without_id.items():
+        letter = wait_for(lambda: [d for d in dead_letters_of(task="invoices.record_payment") if d["body"] == body], 30,
+                          what=f"the dead letter of a body with {kind}")[0]
+        assert letter["reason"] == "malformed" and "messageId" in letter["error"], (kind, letter["error"])
     letters = wait_for(lambda: [d for d in dead_letters_of(task="invoices.record_payment") if d["body"] == not_an_object],
                        30, what="the dead letter of a body that is not an object")
     assert "must be a JSON object" in letters[0]["error"]
@@ -265,3 +281,40 @@ def test_a_pickled_message_is_refused_and_dead_lettered(running):
     assert letters[0]["reason"] in ("undecodable", "invalid-task")
     assert letters[0]["taskName"] == "invoices.issue"
     issued_invoice(new_tenant("t-after-pickle"))
+
+
+# CONTRACT.md section 2, written out here rather than taken from the product's routing table.
+CONTRACT_QUEUES = {
+    "invoices.orders": ("invoices.order_shipped",),
+    "invoices.payments": ("invoices.payment_callback", "invoices.start_hosted_payment",
+                          "invoices.complete_hosted_payment", "invoices.fail_payment", "invoices.record_payment",
+                          "invoices.refund_payment"),
+    "invoices.commands": ("invoices.create", "invoices.update", "invoices.issue", "invoices.apply_discount",
+                          "invoices.remove_discount", "invoices.void", "invoices.cancel", "invoices.delete"),
+    "invoices.imports": ("invoices.bulk_import",),
+}
+
+
+def test_every_task_of_the_contract_is_consumed_from_its_queue(running):
+    """Any Celery-protocol client (here a bare Celery app, JSON only) publishing a task to the queue the
+    contract names reaches the worker: each body below lacks required fields, so each is dead-lettered
+    `malformed` under its task's name. (invoices.retry_failed_payments goes through invoices.maintenance
+    in test_payment_retries.py, sent by beat.)"""
+    from celery import Celery
+
+    tenant = new_tenant("t-routes")
+    client = Celery("contract-client", broker=running.env["BROKER_URL"])
+    client.conf.update(task_serializer="json", accept_content=["json"])
+    sent = {}
+    try:
+        for queue, tasks in CONTRACT_QUEUES.items():
+            for task in tasks:
+                body = {"messageId": f"route-{task}-{tenant}", "tenantId": tenant}
+                client.send_task(task, args=[body], queue=queue)
+                sent[task] = body
+    finally:
+        client.close()
+    for task, body in sent.items():
+        letter = wait_for(lambda: dead_letters_of(message_id=body["messageId"]), 30, what=f"{task} to be consumed")[0]
+        assert (letter["taskName"], letter["body"]) == (task, body)
+        assert letter["reason"] in ("malformed", "bad-signature"), letter

@@ -34,10 +34,10 @@ def start_beat(processes: Processes, tmp_path: Path) -> object:
 
 
 def attempts(invoice_id: str) -> list[Payment]:
-    """The saved-card attempts of an invoice (first failure and its retries), in order; offline payments left out."""
+    """The card attempts of an invoice (the first failure and its retries), in order; offline payments left out."""
     with db.sessions()() as s:
         return list(s.scalars(select(Payment).where(Payment.invoice_id == uuid.UUID(invoice_id),
-                                                    Payment.payment_profile_id.is_not(None))
+                                                    Payment.payment_method.is_(None))
                               .order_by(Payment.attempt)))
 
 
@@ -69,7 +69,8 @@ def test_beat_retries_on_schedule_for_the_capped_balance_until_spent_then_exhaus
     invoice = issued_invoice(tenant)
     number = invoice["invoiceNumber"]
     first_id = start(tenant, number)  # 142.60 on a saved card
-    assert command("invoices.record_payment", tenant, number, amount="42.60", currency="USD")["outcome"] == "applied"
+    assert command("invoices.record_payment", tenant, number, amount="42.60", currency="USD",
+                   paymentMethod="EFT")["outcome"] == "applied"
     assert command("invoices.fail_payment", tenant, number, paymentId=first_id, failureCode="05",
                    failureReason="do not honour")["outcome"] == "applied"
     [first] = attempts(invoice["id"])
@@ -139,9 +140,15 @@ def test_hard_declines_and_void_cancel_or_payment_end_the_retries(running, proce
     ended = {}
     for end in ("invoices.void", "invoices.cancel", "invoices.record_payment"):
         invoice, _ = failed_saved_card_payment(tenant)
-        fields = {"amount": "142.60", "currency": "USD"} if end == "invoices.record_payment" else {}
+        fields = {"amount": "142.60", "currency": "USD", "paymentMethod": "EFT"} if end == "invoices.record_payment" else {}
         assert command(end, tenant, invoice["invoiceNumber"], **fields)["outcome"] == "applied"
         ended[end] = invoice
+    # a failed payment without a saved card is not retried either
+    no_card = issued_invoice(tenant)
+    one_off = start(tenant, no_card["invoiceNumber"], profile=None)
+    assert deliver(callback(tenant, no_card["invoiceNumber"], one_off, "Declined", amount=None,
+                            code="05"))["outcome"] == "applied"
+    ended["no saved card"] = no_card
     hard = [hard_by_command, hard_by_callback]
     for invoice in [*hard, *ended.values()]:
         assert attempts(invoice["id"])[0].next_retry_at is None  # nothing left to retry
@@ -157,7 +164,7 @@ def test_hard_declines_and_void_cancel_or_payment_end_the_retries(running, proce
         "lost_card"]
     for invoice in ended.values():
         assert of_invoice(events, invoice, "payment.retries_exhausted") == []
-    assert [invoice_status(tenant, i) for i in ended.values()] == ["Voided", "Cancelled", "Paid"]
+    assert [invoice_status(tenant, i) for i in ended.values()] == ["Voided", "Cancelled", "Paid", "Issued"]
 
 
 def invoice_status(tenant: str, invoice: dict) -> str:

@@ -187,6 +187,44 @@ def test_a_callback_naming_another_tenants_invoice_finds_nothing(running):
     assert payment_of(tenant_a, invoice["invoiceNumber"], payment_id)["status"] == "Pending"
 
 
+def contract_signature(body: dict, secret: str) -> str:
+    """CONTRACT.md section 7, written out here (not the product's signing code): HMAC-SHA256 of the body
+    without `signature`, as JSON with sorted keys, separators `,` and `:`, non-ASCII as \\uXXXX escapes."""
+    import hashlib
+    import hmac
+    import json
+
+    canonical = json.dumps({k: v for k, v in body.items() if k != "signature"}, sort_keys=True, separators=(",", ":"))
+    return hmac.new(secret.encode(), canonical.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def test_the_contract_test_vector_and_a_non_ascii_callback_are_accepted_by_the_worker(running):
+    # The vector's body names tenant acme and messageId cb-0001 (the signature covers them); the
+    # database is emptied before each test, so nothing else of this session has them.
+    vector = {"amount": "120.00", "currency": "USD", "invoiceNumber": "INV-00892", "messageId": "cb-0001",
+              "paymentId": "6f1c2d3e-0000-4000-8000-000000000001", "provider": "WorldPay", "responseCode": "0",
+              "responseMessage": "Approved", "result": "Approved", "tenantId": "acme", "transactionId": "T-1001",
+              "signature": "fed59388df04d7aa083a1e99e08c5127a5d7f3dc585808f7d5f238c52bc5f024"}
+    assert contract_signature(vector, SECRET) == vector["signature"]
+    invoice = issued_invoice("acme", invoiceNumber="INV-00892")
+    start_body = {"messageId": f"start-{uuid.uuid4()}", "tenantId": "acme", "invoiceNumber": "INV-00892",
+                  "paymentId": vector["paymentId"], "amount": "142.60", "currency": "USD"}
+    send("invoices.start_hosted_payment", start_body)
+    assert wait_outcome("acme", start_body["messageId"])["outcome"] == "applied"
+    assert deliver(vector)["outcome"] == "applied"
+    assert payment_of("acme", "INV-00892", vector["paymentId"])["amount"] == "120.00"
+
+    tenant = new_tenant("t-pay-é")
+    other = issued_invoice(tenant)
+    payment_id = start(tenant, other["invoiceNumber"], profile=None)
+    body = callback(tenant, other["invoiceNumber"], payment_id, "Declined", amount=None, code="05", signed=False)
+    body["responseMessage"] = "Refusée: carte bloquée"
+    body["signature"] = contract_signature(body, SECRET)
+    assert deliver(body)["outcome"] == "applied"
+    assert payment_of(tenant, other["invoiceNumber"], payment_id)["failureReason"] == "Refusée: carte bloquée"
+    assert invoice["invoiceNumber"] == "INV-00892"
+
+
 def test_complete_hosted_payment_settles_the_invoice_and_publishes_its_events(running, events):
     tenant = new_tenant("t-hosted")
     invoice = issued_invoice(tenant)
