@@ -150,7 +150,9 @@ class InvoiceLifecycle:
         saved = self._content_state()
         try:
             changed = self._apply_content(changes)
-            if self.invoice_total < self.amount_paid:
+            # Only a total this update lowers may not fall below what is paid: an overpaid invoice
+            # (money that moved is recorded) still takes a change of its notes or due date.
+            if self.invoice_total < self.amount_paid and self.invoice_total < saved["invoice_total"]:
                 raise DomainError(
                     "total-below-amount-paid",
                     f"the new total of {self.invoice_number} ({format_money(self.invoice_total, self.currency)}) "

@@ -325,6 +325,18 @@ class EventCollector:
             self.events.append(message.decode())
         return self.events
 
+    def wait(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 30,
+             what: str = "the events") -> list[dict[str, Any]]:
+        """Read until predicate(every event read so far) holds; fail the test when it never does."""
+        self.drain(predicate, timeout)
+        if not predicate(self.events):
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; read {len(self.events)} events")
+        return self.events
+
+    def of(self, tenant_id: str) -> list[dict[str, Any]]:
+        """The events read so far of one tenant."""
+        return [e for e in self.events if e["tenantId"] == tenant_id]
+
     def close(self) -> None:
         try:
             self.queue(self.conn.default_channel).delete()
@@ -339,3 +351,60 @@ def events(broker: str) -> Iterator[EventCollector]:
         yield collector
     finally:
         collector.close()
+
+
+def new_tenant(prefix: str = "t") -> str:
+    """A tenant of one test's own: what the test reads (invoices, outcomes, events) is what it caused."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# A broker database no other test's process consumes from (redis:// URLs end with the database).
+OWN_BROKER_DATABASE = 9
+
+
+class OwnWorker:
+    """A worker of one test's own: one pool process on a broker database of its own. The messages
+    the test sends it run one after another in the order sent, so the outcome of a later marker
+    message proves the earlier ones were handled; its log holds only what this test caused."""
+
+    def __init__(self, processes: Processes, broker_url: str, extra_env: dict[str, str] | None = None) -> None:
+        from celery import Celery
+
+        self.broker_url = broker_url
+        self.publisher = Celery("own-worker-publisher", broker=broker_url)
+        self.publisher.conf.update(task_serializer="json", accept_content=["json"])
+        self.proc = processes.worker(concurrency=1, name=f"own-{uuid.uuid4().hex[:6]}@localhost",
+                                     extra_env={"BROKER_URL": broker_url, **(extra_env or {})})
+
+    def send(self, task: str, body: dict[str, Any]) -> str:
+        from worker.celery_app import queue_for
+
+        self.publisher.send_task(task, args=[body], queue=queue_for(task))
+        return body["messageId"]
+
+    @property
+    def log(self) -> str:
+        return self.proc.log.read_text()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.publisher.close()
+
+
+def _flush_broker_database(url: str) -> None:
+    from kombu import Connection
+
+    with Connection(url) as conn:
+        conn.default_channel.client.flushdb()
+
+
+@pytest.fixture
+def own_worker(processes: Processes, database: str, broker: str) -> Iterator[OwnWorker]:
+    url = f"{broker.rsplit('/', 1)[0]}/{OWN_BROKER_DATABASE}"
+    _flush_broker_database(url)
+    own = OwnWorker(processes, url)
+    try:
+        yield own
+    finally:
+        own.close()
+        processes.stop(own.proc)
+        _flush_broker_database(url)

