@@ -1,20 +1,18 @@
-"""The scheduled retry of failed payments (CONTRACT.md section 8) and outbox housekeeping,
-driven by Celery beat through the invoices.maintenance queue."""
+"""The scheduled retry of failed payments (CONTRACT.md section 8), driven by Celery beat through
+the invoices.maintenance queue (housekeeping is in worker/housekeeping.py)."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
 from models.invoice import Invoice
 from models.payment import Payment
 from worker import db
-from worker.config import settings
 from worker.unit_of_work import UnitOfWork, derived_id
-from worker.records import OutboxEvent
 
 log = logging.getLogger(__name__)
 SCAN_LIMIT = 500
@@ -57,14 +55,3 @@ def retry_failed_payments(scan_id: str, now: datetime | None = None) -> dict[str
     if requested or dropped:
         log.info("retry scan %s: %d retries requested, %d dropped", scan_id, requested, dropped)
     return {"requested": requested, "dropped": dropped}
-
-
-def prune_outbox(now: datetime | None = None) -> int:
-    """Delete published events older than OUTBOX_RETENTION_HOURS."""
-    now = now or datetime.now(timezone.utc)
-    cutoff = now - timedelta(hours=settings().outbox_retention_hours)
-    with db.sessions().begin() as session:
-        result = session.execute(
-            delete(OutboxEvent).where(OutboxEvent.published_at.is_not(None), OutboxEvent.published_at < cutoff)
-        )
-    return int(result.rowcount or 0)
