@@ -34,7 +34,7 @@ INVOICE_COLUMNS = [c.name for c in Invoice.__table__.columns]
 LINE_COLUMNS = ["invoice_id", "position", "sku", "description", "quantity", "unit_price", "discount_amount", "line_total"]
 OUTBOX_COLUMNS = ["event_id", "type", "tenant_id", "invoice_id", "sequence", "causation_id", "payload"]
 HISTORY_COLUMNS = ["tenant_id", "invoice_id", "invoice_number", "message_id", "causation_id", "task", "events",
-                   "status_before", "status_after", "invoice_total", "amount_paid", "balance"]
+                   "status_before", "status_after", "currency", "invoice_total", "amount_paid", "balance"]
 JSON_COLUMNS = {"customer", "sales_rep", "discount"}
 # What an import may change on an existing invoice.
 UPDATED_COLUMNS = [
@@ -235,7 +235,7 @@ def write_history(cursor: Any, batch: Batch) -> None:
             invoice = invoices[invoice_id]
             copy.write_row((batch.tenant_id, invoice_id, invoice.invoice_number, batch.message_id, batch.message_id,
                             "invoices.bulk_import", Jsonb(events), status_before, str(invoice.status),
-                            invoice.invoice_total, invoice.amount_paid, invoice.balance))
+                            invoice.currency, invoice.invoice_total, invoice.amount_paid, invoice.balance))
 
 
 def import_batch(uow: UnitOfWork, message: BulkImport) -> Outcome:

@@ -162,6 +162,7 @@ class InvoiceHistory(Base):
     events: Mapped[list[dict[str, Any]]] = mapped_column(JSONDoc)
     status_before: Mapped[str | None] = mapped_column(String(16))  # None: the change created it
     status_after: Mapped[str | None] = mapped_column(String(16))  # None: the change deleted it
+    currency: Mapped[str] = mapped_column(String(3))
     invoice_total: Mapped[Decimal] = mapped_column(MONEY)
     amount_paid: Mapped[Decimal] = mapped_column(MONEY)
     balance: Mapped[Decimal] = mapped_column(MONEY)

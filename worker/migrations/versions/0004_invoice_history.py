@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("events", postgresql.JSONB(), nullable=False),
         sa.Column("status_before", sa.String(16), nullable=True),
         sa.Column("status_after", sa.String(16), nullable=True),
+        sa.Column("currency", sa.String(3), nullable=False),
         sa.Column("invoice_total", sa.Numeric(20, 4), nullable=False),
         sa.Column("amount_paid", sa.Numeric(20, 4), nullable=False),
         sa.Column("balance", sa.Numeric(20, 4), nullable=False),
