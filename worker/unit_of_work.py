@@ -124,7 +124,8 @@ def history_row(invoice: Invoice, events: list[dict[str, Any]], status_before: s
         "message_id": message_id, "causation_id": causation_id, "task": task, "events": events,
         "status_before": None if status_before is None else str(status_before),
         "status_after": None if invoice.is_deleted else str(invoice.status),
-        "currency": invoice.currency, "invoice_total": invoice.invoice_total, "amount_paid": invoice.amount_paid, "balance": invoice.balance,
+        "currency": invoice.currency, "invoice_total": invoice.invoice_total, "amount_paid": invoice.amount_paid,
+        "balance": invoice.balance,
     }
 
 
