@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import bulk_import, payments, under_load
+from bench import bulk_import, payments, pruning, under_load
 from bench.harness import ROOT, Environment
 
 
@@ -103,6 +103,10 @@ def main() -> int:
                      f"{imp['worker']['rate']:.0f} invoices/s",
                      f"{imp['ratio']:.0%} of raw COPY; worker {memory(imp['worker'])}"))
         rows.append(("bulk import: raw COPY of the same rows", f"{imp['copy']['rate']:.0f} invoices/s", ""))
+        prune_rows = 100_000 if args.quick else 1_000_000
+        for row in pruning.rows_of(pruning.run(env, numbers, prune_rows, 100, lat_seconds, concurrency), 100,
+                                   lat_seconds):
+            rows.append(row)
         load = under_load.run(env, numbers, 1000 if args.quick else 4000, concurrency)
         where = profile(numbers)
     finally:

@@ -35,6 +35,7 @@ def create_invoice(uow: UnitOfWork, message: CreateInvoice) -> Outcome:
             raise DomainError("duplicate-invoice-number",
                               f"tenant {message.tenant_id} already has an invoice {message.invoice_number} "
                               "with other content")
+        uow.refuse_deleted_number(message.invoice_number)
     number = message.invoice_number or uow.next_invoice_number()
     return applied(message, uow.add(Invoice.create(tenant_id=message.tenant_id, invoice_number=number, content=content)))
 

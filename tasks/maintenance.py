@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker import scheduler
+from worker import housekeeping, scheduler
 from worker.celery_app import app
 from worker.task_base import InvoiceTask
 
@@ -15,4 +15,10 @@ def retry_failed_payments(self: InvoiceTask, body: object = None, *args: object,
 
 @app.task(name="invoices.prune_outbox", base=InvoiceTask, bind=True)
 def prune_outbox(self: InvoiceTask, body: object = None, *args: object, **kwargs: object) -> dict:
-    return self.retrying(lambda: {"outcome": "applied", "pruned": scheduler.prune_outbox()})
+    return self.retrying(lambda: {"outcome": "applied", "pruned": housekeeping.prune_outbox()})
+
+
+@app.task(name="invoices.prune_records", base=InvoiceTask, bind=True)
+def prune_records(self: InvoiceTask, body: object = None, *args: object, **kwargs: object) -> dict:
+    """The inbox (INBOX_RETENTION_DAYS), closed dead letters, invoice waits and delivery counts."""
+    return self.retrying(lambda: {"outcome": "applied", "pruned": housekeeping.prune_records()})

@@ -22,9 +22,16 @@ def create_from_order(uow: UnitOfWork, message: OrderShipped) -> Outcome:
     if existing is not None:
         return Outcome("duplicate", message.message_id, reason="order-already-invoiced",
                        invoice_id=existing.id, invoice_number=existing.invoice_number)
+    deleted = uow.deleted_order_invoice(message.order_id, message.shipment_id)
+    if deleted is not None:  # the order's invoice was made, then deleted: not made again
+        return Outcome("duplicate", message.message_id, reason="order-already-invoiced",
+                       detail=f"its invoice {deleted.invoice_number} was deleted", invoice_id=deleted.invoice_id,
+                       invoice_number=deleted.invoice_number)
     if message.invoice_number and uow.find(InvoiceAddress(invoice_number=message.invoice_number), lock=False):
         raise DomainError("duplicate-invoice-number",
                           f"tenant {message.tenant_id} already has an invoice {message.invoice_number}")
+    if message.invoice_number:
+        uow.refuse_deleted_number(message.invoice_number)
     number = message.invoice_number or uow.next_invoice_number()
     invoice = uow.add(Invoice.create(tenant_id=message.tenant_id, invoice_number=number, content=message.content(),
                                      source="order_shipped", shipment_id=message.shipment_id))

@@ -41,11 +41,14 @@ def record_payment(self: InvoiceTask, body: object = None, *args: object, **kwar
 
 def record_offline_payment(uow: UnitOfWork, message: RecordPayment) -> Outcome:
     invoice = uow.invoice(message.address)
+    payment_id = derived_id("payment", message.tenant_id, message.message_id)
+    if invoice.payment(payment_id) is not None:  # a copy whose inbox row was pruned: the derived id catches it
+        return duplicate(message, invoice, "payment-already-recorded")
     fields = message.model_dump(include={
         "amount", "currency", "payment_method", "payment_date", "reference_number", "notes", "payment_profile_id",
         "card_brand", "card_last_four", "status",
     })
-    payment = invoice.record_payment(payment_id=derived_id("payment", message.tenant_id, message.message_id), **fields)
+    payment = invoice.record_payment(payment_id=payment_id, **fields)
     return applied(message, invoice, paymentId=str(payment.id))
 
 
@@ -91,7 +94,11 @@ def refund_payment(self: InvoiceTask, body: object = None, *args: object, **kwar
 
 def refund(uow: UnitOfWork, message: RefundPayment) -> Outcome:
     invoice = uow.invoice(message.address)
-    invoice.refund(refund_id=derived_id("refund", message.tenant_id, message.message_id), payment_id=message.payment_id,
+    refund_id = derived_id("refund", message.tenant_id, message.message_id)
+    paid = invoice.payment(message.payment_id)
+    if paid is not None and any(r.id == refund_id for r in paid.refunds):  # a copy whose inbox row was pruned
+        return duplicate(message, invoice, "refund-already-made")
+    invoice.refund(refund_id=refund_id, payment_id=message.payment_id,
                    amount=message.amount, reference_number=message.reference_number, reason=message.reason)
     return applied(message, invoice)
 

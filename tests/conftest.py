@@ -37,7 +37,7 @@ TEST_ENV = {
 # How the tests start Python processes of the project: SQLAlchemy's warnings are errors there too.
 STRICT_PYTHON = [sys.executable, "-m", "tests.strict"]
 TABLES = ("refunds", "payments", "line_items", "invoices", "inbox", "outbox", "dead_letters",
-          "invoice_number_sequences", "deleted_invoices", "invoice_waits", "delivery_counts")
+          "invoice_number_sequences", "deleted_invoices", "invoice_waits", "delivery_counts", "invoice_history")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:

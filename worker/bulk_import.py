@@ -27,11 +27,14 @@ from models.payment import Payment
 from models.rules import S
 from tasks.messages import BulkImport, ImportEntry
 from worker.handling import describe_validation
+from worker.records import DeletedInvoice
 from worker.unit_of_work import Outcome, UnitOfWork, event_envelope
 
 INVOICE_COLUMNS = [c.name for c in Invoice.__table__.columns]
 LINE_COLUMNS = ["invoice_id", "position", "sku", "description", "quantity", "unit_price", "discount_amount", "line_total"]
 OUTBOX_COLUMNS = ["event_id", "type", "tenant_id", "invoice_id", "sequence", "causation_id", "payload"]
+HISTORY_COLUMNS = ["tenant_id", "invoice_id", "invoice_number", "message_id", "causation_id", "task", "events",
+                   "status_before", "status_after", "currency", "invoice_total", "amount_paid", "balance"]
 JSON_COLUMNS = {"customer", "sales_rep", "discount"}
 # What an import may change on an existing invoice.
 UPDATED_COLUMNS = [
@@ -66,14 +69,18 @@ class Batch:
     created: list[Invoice] = field(default_factory=list)
     changed: list[tuple[Invoice, list[str]]] = field(default_factory=list)
     outbox: list[tuple] = field(default_factory=list)
+    # invoice id → (status before, [{type, sequence}]): one invoice_history row each.
+    history: dict[uuid.UUID, tuple[str | None, list[dict[str, Any]]]] = field(default_factory=dict)
 
     def reject(self, index: int, number: Any, reason: str, message: str) -> None:
         self.counts["rejected"] += 1
         self.rejected.append({"index": index, "invoiceNumber": number if isinstance(number, str) else None,
                               "reason": reason, "message": message})
 
-    def event(self, invoice: Invoice, type_: str, data: dict[str, Any]) -> None:
+    def event(self, invoice: Invoice, type_: str, data: dict[str, Any], status_before: str | None = None) -> None:
         invoice.event_sequence += 1
+        self.history.setdefault(invoice.id, (status_before, []))[1].append(
+            {"type": type_, "sequence": invoice.event_sequence})
         payload = event_envelope(type_=type_, tenant_id=self.tenant_id, invoice_id=invoice.id,
                                  invoice_number=invoice.invoice_number, sequence=invoice.event_sequence,
                                  causation_id=self.message_id, data=data)
@@ -134,12 +141,20 @@ def classify(uow: UnitOfWork, batch: Batch) -> None:
             .order_by(Invoice.invoice_number).with_for_update()
         )
     } if numbers else {}
+    deleted = set(session.scalars(
+        select(DeletedInvoice.invoice_number)
+        .where(DeletedInvoice.tenant_id == batch.tenant_id, DeletedInvoice.invoice_number.in_(numbers))
+    )) if numbers else set()
     paid_ids = set(session.scalars(
         select(Payment.invoice_id).where(Payment.invoice_id.in_([r.id for r in existing.values()])).distinct()
     )) if existing else set()
     for entry in batch.entries:
         row = existing.get(entry.number)
         invoice = entry.invoice
+        if row is None and entry.number in deleted:
+            batch.reject(entry.index, entry.number, "duplicate-invoice-number",
+                         f"{entry.number} was deleted; a deleted invoice's number is not used again")
+            continue
         if row is None:
             batch.counts["created"] += 1
             batch.created.append(invoice)
@@ -163,7 +178,8 @@ def classify(uow: UnitOfWork, batch: Batch) -> None:
         if not same_content:
             changes.append("import")
             invoice.status = reimported_status(row.status, invoice.status)
-            batch.event(invoice, "invoice.updated", {"changes": ["import"], "batchId": batch.batch_id, **invoice._totals()})
+            batch.event(invoice, "invoice.updated", {"changes": ["import"], "batchId": batch.batch_id, **invoice._totals()},
+                        row.status)
             if invoice.status != row.status:
                 batch.event(invoice, "invoice.status_changed",
                             {"from": row.status, "to": str(invoice.status), **invoice._totals()})
@@ -172,7 +188,7 @@ def classify(uow: UnitOfWork, batch: Batch) -> None:
         if row.is_active != entry.active:
             changes.append("isActive")
             batch.event(invoice, "invoice.updated", {"changes": ["isActive"], "isActive": entry.active,
-                                                     **invoice._totals()})
+                                                     **invoice._totals()}, row.status)
         batch.counts["deactivated" if row.is_active and not entry.active else "updated"] += 1
         batch.changed.append((invoice, changes))
 
@@ -207,6 +223,19 @@ def write(uow: UnitOfWork, batch: Batch) -> None:
             with cursor.copy(f"COPY outbox ({', '.join(OUTBOX_COLUMNS)}) FROM STDIN") as copy:
                 for row in batch.outbox:
                     copy.write_row(row)
+        if batch.history:
+            write_history(cursor, batch)
+
+
+def write_history(cursor: Any, batch: Batch) -> None:
+    """COPY one invoice_history row per created or changed invoice, like the rest of the batch."""
+    invoices = {inv.id: inv for inv in batch.created} | {inv.id: inv for inv, _ in batch.changed}
+    with cursor.copy(f"COPY invoice_history ({', '.join(HISTORY_COLUMNS)}) FROM STDIN") as copy:
+        for invoice_id, (status_before, events) in batch.history.items():
+            invoice = invoices[invoice_id]
+            copy.write_row((batch.tenant_id, invoice_id, invoice.invoice_number, batch.message_id, batch.message_id,
+                            "invoices.bulk_import", Jsonb(events), status_before, str(invoice.status),
+                            invoice.currency, invoice.invoice_total, invoice.amount_paid, invoice.balance))
 
 
 def import_batch(uow: UnitOfWork, message: BulkImport) -> Outcome:

@@ -24,7 +24,7 @@ QUEUES = {
         "invoices.remove_discount", "invoices.void", "invoices.cancel", "invoices.delete",
     ),
     "invoices.imports": ("invoices.bulk_import",),
-    "invoices.maintenance": ("invoices.retry_failed_payments", "invoices.prune_outbox"),
+    "invoices.maintenance": ("invoices.retry_failed_payments", "invoices.prune_outbox", "invoices.prune_records"),
 }
 ROUTES = {task: queue for queue, tasks in QUEUES.items() for task in tasks}
 TASK_MODULES = ("tasks.orders", "tasks.commands", "tasks.payments", "tasks.imports", "tasks.maintenance")
@@ -97,6 +97,12 @@ def make_app() -> Celery:
             },
             "prune-outbox": {
                 "task": "invoices.prune_outbox",
+                "schedule": 3600.0,
+                "args": [{}],
+                "options": {"queue": "invoices.maintenance", "expires": 3600},
+            },
+            "prune-records": {
+                "task": "invoices.prune_records",
                 "schedule": 3600.0,
                 "args": [{}],
                 "options": {"queue": "invoices.maintenance", "expires": 3600},

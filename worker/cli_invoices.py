@@ -1,4 +1,4 @@
-"""`invoice-worker invoices list|get`."""
+"""`invoice-worker invoices list|get|history`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from rich.table import Table
 
 from models.queries import AmbiguousInvoice, get_invoice, list_invoices
 from models.rules import InvoiceStatus
-from worker import db
+from worker import db, history
 from worker.cli import cli, console
 
 
@@ -56,8 +56,11 @@ def get_command(invoice: str, tenant: str | None, as_json: bool) -> None:
     with db.sessions()() as session:
         try:
             found = get_invoice(session, invoice, tenant)
+            gone = history.tombstone(session, invoice, tenant) if found is None else None
         except AmbiguousInvoice as exc:
             raise click.ClickException(str(exc)) from None
+        if gone is not None:  # exit status 1, saying when and by which message
+            raise click.ClickException(history.deleted_sentence(gone))
         if found is None:
             raise click.ClickException(f"no invoice {invoice}" + (f" for tenant {tenant}" if tenant else ""))
         data = found.to_json()
@@ -81,3 +84,31 @@ def get_command(invoice: str, tenant: str | None, as_json: bool) -> None:
             payments.add_row(p["paymentId"], p["status"], p["amount"], p["paymentMethod"] or p["provider"] or "",
                              p["refundedAmount"], p["failureCode"] or "")
         out.print(payments)
+
+
+@invoices.command("history")
+@click.argument("invoice")
+@click.option("--tenant", help="The tenant (needed when two tenants share the invoice number).")
+@click.option("--json", "as_json", is_flag=True, help="Print the changes as JSON.")
+def history_command(invoice: str, tenant: str | None, as_json: bool) -> None:
+    """Every change of the invoice, oldest first, kept for good (deleted invoices too)."""
+    with db.sessions()() as session:
+        try:
+            rows = [history.to_json(r) for r in history.history(session, invoice, tenant)]
+        except AmbiguousInvoice as exc:
+            raise click.ClickException(str(exc)) from None
+    if not rows:
+        raise click.ClickException(f"no history of invoice {invoice}" + (f" for tenant {tenant}" if tenant else ""))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    first = rows[0]
+    table = Table(title=f"history of {first['invoiceNumber']} (tenant {first['tenantId']}, id {first['invoiceId']})")
+    for column in ("when", "task", "message", "events", "status", "total", "paid", "balance"):
+        table.add_column(column, justify="right" if column in ("total", "paid", "balance") else "left")
+    for r in rows:
+        events = ", ".join(f"{e['type']} #{e['sequence']}" for e in r["events"])
+        status = f"{r['statusBefore'] or '(new)'} → {r['statusAfter'] or '(deleted)'}"
+        table.add_row(r["recordedAt"][:23], r["task"].removeprefix("invoices."), r["messageId"] or r["causationId"] or "",
+                      events, status, f"{r['invoiceTotal']} {r['currency']}", r["amountPaid"], r["balance"])
+    console().print(table)

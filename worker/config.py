@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     payment_retry_scan_seconds: float = Field(default=300.0, gt=0)
     # Published outbox rows are deleted after this many hours.
     outbox_retention_hours: float = Field(default=168.0, ge=0)
+    # How long a messageId is remembered (inbox rows); natural keys keep protecting after that, and
+    # the tasks that have none keep their rows for good (worker/records.py INBOX_KEPT_TASKS).
+    inbox_retention_days: float = Field(default=30.0, ge=0)
+    # Discarded and replayed dead letters are deleted this long after they were last seen; open ones never.
+    dead_letter_retention_days: float = Field(default=90.0, ge=0)
     # Where the embedded servers keep their data when no URLs are set.
     data_dir: Path = Path(".data")
     # Pool processes: one per core plus one, so that a core does not sit idle while a process waits on

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import BigInteger, DateTime, Identity, Index, Integer, String, Text, Uuid, text
@@ -11,6 +12,18 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, utcnow
 from models.invoice import JSONDoc
+from models.payment import MONEY
+
+
+# Tasks whose inbox rows are kept for good: a copy arriving after its row was pruned would apply
+# again, as no natural key catches it (README: "Where the reference leaves room"). update,
+# apply_discount and remove_discount would put back what a later message changed; create without
+# an invoiceNumber would make a second invoice; a bulk_import batch would undo a later batch's
+# changes to the same invoices (its fingerprints catch only a plain repeat). Every other task's copy
+# is caught by its natural key, so its rows go after INBOX_RETENTION_DAYS.
+INBOX_KEPT_TASKS = ("invoices.create", "invoices.update", "invoices.apply_discount", "invoices.remove_discount",
+                    "invoices.bulk_import")
+INBOX_PRUNABLE = text("task NOT IN ({})".format(", ".join(f"'{t}'" for t in INBOX_KEPT_TASKS)))
 
 
 class InboxMessage(Base):
@@ -18,6 +31,7 @@ class InboxMessage(Base):
     same transaction as the change it caused."""
 
     __tablename__ = "inbox"
+    __table_args__ = (Index("ix_inbox_prunable", "processed_at", postgresql_where=INBOX_PRUNABLE),)
 
     tenant_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     message_id: Mapped[str] = mapped_column(String(200), primary_key=True)
@@ -60,6 +74,7 @@ class DeadLetter(Base):
     """A message the worker could not apply, stored whole so that an operator can replay it."""
 
     __tablename__ = "dead_letters"
+    __table_args__ = (Index("ix_dead_letters_closed_last_seen", "last_seen", postgresql_where=text("status <> 'open'")),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     # The worker's own key (dead_letters.fingerprint): the same delivery of the same message is one row.
@@ -93,7 +108,8 @@ class DeletedInvoice(Base):
     wait for the invoice to arrive), and `invoices get` says when and by which message it went."""
 
     __tablename__ = "deleted_invoices"
-    __table_args__ = (Index("ix_deleted_invoices_number", "tenant_id", "invoice_number"),)
+    __table_args__ = (Index("ix_deleted_invoices_number", "tenant_id", "invoice_number"),
+                      Index("ix_deleted_invoices_order", "tenant_id", "order_id", "shipment_id"))
 
     invoice_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(200))
@@ -101,12 +117,16 @@ class DeletedInvoice(Base):
     message_id: Mapped[str | None] = mapped_column(String(200))
     task: Mapped[str] = mapped_column(String(100))
     deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    # An order's invoice: a later order_shipped for the same (orderId, shipmentId) is caught here.
+    order_id: Mapped[str | None] = mapped_column(String(200))
+    shipment_id: Mapped[str | None] = mapped_column(String(200))
 
 
 class InvoiceWait(Base):
     """When a message naming a not-yet-existing invoice was first seen (CONTRACT.md section 4)."""
 
     __tablename__ = "invoice_waits"
+    __table_args__ = (Index("ix_invoice_waits_first_seen", "first_seen"),)
 
     tenant_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     message_id: Mapped[str] = mapped_column(String(200), primary_key=True)
@@ -118,9 +138,37 @@ class DeliveryCount(Base):
     messages, CONTRACT.md section 4). A first delivery writes nothing: only redeliveries count."""
 
     __tablename__ = "delivery_counts"
+    __table_args__ = (Index("ix_delivery_counts_last_seen", "last_seen"),)
 
     delivery_id: Mapped[str] = mapped_column(Text, primary_key=True)
     task: Mapped[str] = mapped_column(String(200))
     starts: Mapped[int] = mapped_column(Integer)
     first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+
+
+class InvoiceHistory(Base):
+    """One row per applied change of an invoice, written in the change's own transaction and kept
+    for good (the outbox keeps events for a week; this keeps what happened, deleted invoices too)."""
+
+    __tablename__ = "invoice_history"
+    __table_args__ = (Index("ix_invoice_history_invoice", "invoice_id", "id"),
+                      Index("ix_invoice_history_number", "tenant_id", "invoice_number"))
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(200))
+    invoice_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    invoice_number: Mapped[str] = mapped_column(String(200))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    # The message that caused the change; None for the scheduler's own changes (see causation_id).
+    message_id: Mapped[str | None] = mapped_column(String(200))
+    causation_id: Mapped[str | None] = mapped_column(String(200))
+    task: Mapped[str] = mapped_column(String(100))
+    # [{"type": ..., "sequence": ...}] of the events the change produced, in order.
+    events: Mapped[list[dict[str, Any]]] = mapped_column(JSONDoc)
+    status_before: Mapped[str | None] = mapped_column(String(16))  # None: the change created it
+    status_after: Mapped[str | None] = mapped_column(String(16))  # None: the change deleted it
+    currency: Mapped[str] = mapped_column(String(3))
+    invoice_total: Mapped[Decimal] = mapped_column(MONEY)
+    amount_paid: Mapped[Decimal] = mapped_column(MONEY)
+    balance: Mapped[Decimal] = mapped_column(MONEY)

@@ -1,22 +1,20 @@
-"""The scheduled retry of failed payments (CONTRACT.md section 8) and outbox housekeeping,
-driven by Celery beat through the invoices.maintenance queue."""
+"""The scheduled retry of failed payments (CONTRACT.md section 8), driven by Celery beat through
+the invoices.maintenance queue (housekeeping is in worker/housekeeping.py)."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from models.errors import DomainError
 from models.invoice import Invoice
 from models.payment import Payment
 from worker import db
-from worker.config import settings
 from worker.unit_of_work import UnitOfWork, derived_id
-from worker.records import OutboxEvent
 
 log = logging.getLogger(__name__)
 SCAN_LIMIT = 500
@@ -72,14 +70,3 @@ def _retry_one(scan_id: str, payment_id: uuid.UUID, invoice_id: uuid.UUID, tenan
         uow.causation_id = f"{scan_id}:{payment_id}"
         uow.commit_changes()
         return "dropped" if retry is None else "requested"
-
-
-def prune_outbox(now: datetime | None = None) -> int:
-    """Delete published events older than OUTBOX_RETENTION_HOURS."""
-    now = now or datetime.now(timezone.utc)
-    cutoff = now - timedelta(hours=settings().outbox_retention_hours)
-    with db.sessions().begin() as session:
-        result = session.execute(
-            delete(OutboxEvent).where(OutboxEvent.published_at.is_not(None), OutboxEvent.published_at < cutoff)
-        )
-    return int(result.rowcount or 0)

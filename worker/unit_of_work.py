@@ -17,7 +17,7 @@ from models.errors import DomainError, InvoiceNotYetKnown
 from models.invoice import Invoice
 from models.rules import invoice_number_for
 from worker.config import settings
-from worker.records import DeletedInvoice, InboxMessage, InvoiceNumberSequence, InvoiceWait, OutboxEvent
+from worker.records import DeletedInvoice, InboxMessage, InvoiceHistory, InvoiceNumberSequence, InvoiceWait, OutboxEvent
 
 
 @dataclass
@@ -85,6 +85,7 @@ RECORD = (
 )
 OUTBOX_INSERT = OutboxEvent.__table__.insert()
 TOMBSTONE_INSERT = DeletedInvoice.__table__.insert()
+HISTORY_INSERT = InvoiceHistory.__table__.insert()
 WAITS = InvoiceWait.__table__
 # When this message first looked for its invoice, kept across its retries (a statement of its own
 # transaction: the message's transaction rolls back). Runs only when an invoice is missing.
@@ -118,6 +119,20 @@ def event_envelope(*, type_: str, tenant_id: str, invoice_id: uuid.UUID | None, 
     }
 
 
+def history_row(invoice: Invoice, events: list[dict[str, Any]], status_before: str | None, *,
+                message_id: str | None, causation_id: str | None, task: str) -> dict[str, Any]:
+    """The invoice_history row of one change: what caused it, its events, the status before and
+    after (None after: deleted), and the amounts after."""
+    return {
+        "tenant_id": invoice.tenant_id, "invoice_id": invoice.id, "invoice_number": invoice.invoice_number,
+        "message_id": message_id, "causation_id": causation_id, "task": task, "events": events,
+        "status_before": None if status_before is None else str(status_before),
+        "status_after": None if invoice.is_deleted else str(invoice.status),
+        "currency": invoice.currency, "invoice_total": invoice.invoice_total, "amount_paid": invoice.amount_paid,
+        "balance": invoice.balance,
+    }
+
+
 class UnitOfWork:
     def __init__(self, session: Session, *, tenant_id: str, message_id: str | None, task: str) -> None:
         self.session = session
@@ -126,8 +141,10 @@ class UnitOfWork:
         self.task = task
         # What caused the events: the messageId, or the scheduler's scan for its own changes.
         self.causation_id = message_id
-        self._touched: list[Invoice] = []
+        # Each invoice the message touched, with its status before the change (None: created now).
+        self._touched: dict[Invoice, str | None] = {}
         self._outbox: list[dict[str, Any]] = []
+        self._history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- inbox
 
@@ -172,9 +189,7 @@ class UnitOfWork:
 
     def find_by_id(self, invoice_id: uuid.UUID) -> Invoice | None:
         invoice = self.find(InvoiceAddress(invoice_id=invoice_id))
-        if invoice is not None:
-            self._touched.append(invoice)
-        return invoice
+        return self.track(invoice) if invoice is not None else None
 
     def find_order_invoice(self, order_id: str, shipment_id: str | None) -> Invoice | None:
         """The invoice an order_shipped message already made for (tenant, orderId, shipmentId)."""
@@ -202,8 +217,7 @@ class UnitOfWork:
                                   f"{gone.invoice_number} of tenant {self.tenant_id} was deleted at "
                                   f"{gone.deleted_at.isoformat(timespec='seconds')} by message {gone.message_id}")
             self._wait_for(address)
-        self._touched.append(invoice)
-        return invoice
+        return self.track(invoice)
 
     def tombstone(self, address: InvoiceAddress) -> DeletedInvoice | None:
         """The record of the tenant's deleted invoice at that address, if it was deleted."""
@@ -228,20 +242,35 @@ class UnitOfWork:
             raise InvoiceNotYetKnown(address.describe(), wait - waited)
         raise DomainError("invoice-not-found", f"{missing} (waited {waited:.0f}s for it to arrive)")
 
+    def refuse_deleted_number(self, number: str) -> None:
+        """A deleted invoice's number is never used again (README: where the reference leaves room)."""
+        gone = self.tombstone(InvoiceAddress(invoice_number=number))
+        if gone is not None:
+            raise DomainError("duplicate-invoice-number",
+                              f"tenant {self.tenant_id} had an invoice {number}, deleted at "
+                              f"{gone.deleted_at.isoformat(timespec='seconds')} by message {gone.message_id}; "
+                              "a deleted invoice's number is not used again")
+
+    def deleted_order_invoice(self, order_id: str, shipment_id: str | None) -> DeletedInvoice | None:
+        """The tombstone of the invoice an order_shipped message made for (orderId, shipmentId)."""
+        return self.session.scalars(select(DeletedInvoice).where(
+            DeletedInvoice.tenant_id == self.tenant_id, DeletedInvoice.order_id == order_id,
+            DeletedInvoice.shipment_id == (shipment_id or ""))).first()
+
     def add(self, invoice: Invoice) -> Invoice:
         self.session.add(invoice)
-        self._touched.append(invoice)
+        self._touched.setdefault(invoice, None)
         return invoice
 
     def track(self, invoice: Invoice) -> Invoice:
-        """Collect the events of an invoice loaded some other way (bulk paths)."""
-        self._touched.append(invoice)
+        """Collect the events (and the history) of an invoice loaded for a change."""
+        self._touched.setdefault(invoice, invoice.status)
         return invoice
 
     def next_invoice_number(self) -> str:
         """The next number of the tenant's gap-free sequence. The counter row stays locked until
         commit, and a rolled-back transaction gives its number back. Numbers that an import or a
-        publisher already took are skipped."""
+        publisher already took are skipped, and so are deleted invoices' numbers (never used again)."""
         while True:
             value = self.session.execute(
                 insert(InvoiceNumberSequence)
@@ -254,7 +283,7 @@ class UnitOfWork:
             taken = self.session.scalar(
                 select(Invoice.id).where(Invoice.tenant_id == self.tenant_id, Invoice.invoice_number == number)
             )
-            if taken is None:
+            if taken is None and self.tombstone(InvoiceAddress(invoice_number=number)) is None:
                 return number
 
     # ----------------------------------------------------------------- outbox and commit
@@ -283,29 +312,44 @@ class UnitOfWork:
             self.session.connection().execute(OUTBOX_INSERT, self._outbox)
             self._outbox = []
 
+    def write_history(self) -> None:
+        if self._history:
+            self.session.connection().execute(HISTORY_INSERT, self._history)
+            self._history = []
+
     def flush_events(self) -> None:
-        for invoice in dict.fromkeys(self._touched):
+        for invoice, status_before in self._touched.items():
             self.session.add_all(invoice.new_rows)
             invoice.new_rows.clear()
+            events = []
             for event in invoice.pending_events:
                 self.emit(event.type, event.data, invoice)
+                events.append({"type": event.type, "sequence": invoice.event_sequence})
             invoice.pending_events.clear()
+            if events:  # a change: kept in the history for good
+                self._history.append(history_row(invoice, events, status_before, message_id=self.message_id,
+                                                 causation_id=self.causation_id, task=self.task))
             if invoice.is_deleted:
                 self.session.delete(invoice)
+                from_order = invoice.source == "order_shipped"
                 self.session.connection().execute(TOMBSTONE_INSERT, {
                     "invoice_id": invoice.id, "tenant_id": invoice.tenant_id, "invoice_number": invoice.invoice_number,
                     "message_id": self.message_id, "task": self.task,
+                    "order_id": invoice.order_id if from_order else None,
+                    "shipment_id": invoice.shipment_id if from_order else None,
                 })
 
     def commit_changes(self) -> None:
         """Commit the touched invoices and their events, with no inbox record (scheduler work)."""
         self.flush_events()
         self.write_outbox()
+        self.write_history()
         self.session.commit()
 
     def commit(self, outcome: Outcome) -> Outcome:
         self.flush_events()
         self.record(outcome)
         self.write_outbox()
+        self.write_history()
         self.session.commit()
         return outcome

@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 
 from models.invoice import Invoice
 from models.queries import get_invoice, list_invoices
-from worker import scheduler
+from worker import housekeeping
 from worker.records import OutboxEvent
 from worker.unit_of_work import UnitOfWork
 
@@ -58,6 +58,6 @@ def test_prune_outbox_deletes_only_old_published_events(session):
     session.execute(update(OutboxEvent).where(OutboxEvent.id == ids[0]).values(published_at=now - timedelta(days=30)))
     session.execute(update(OutboxEvent).where(OutboxEvent.id == ids[1]).values(published_at=now - timedelta(hours=1)))
     session.commit()
-    assert scheduler.prune_outbox(now) == 1  # retention 168 hours: only the 30-day-old published row goes
+    assert housekeeping.prune_outbox(now) == 1  # retention 168 hours: only the 30-day-old published row goes
     remaining = session.scalars(select(OutboxEvent.id).order_by(OutboxEvent.id)).all()
     assert remaining == ids[1:]  # unpublished rows and recently published ones stay
