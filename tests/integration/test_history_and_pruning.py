@@ -156,9 +156,9 @@ def test_pruning_takes_old_rows_in_batches_and_keeps_what_must_stay(session):
     session.add(InboxMessage(tenant_id=T, message_id="recent", task="invoices.issue", outcome="applied",
                              processed_at=recent))
     for status in ("open", "discarded", "replayed"):
-        session.add(DeadLetter(delivery_id=f"old-{status}", task_name="invoices.issue", body={}, reason="x",
+        session.add(DeadLetter(fingerprint=f"old-{status}", delivery_id=f"old-{status}", task_name="invoices.issue", body={}, reason="x",
                                error="x", status=status, first_seen=old, last_seen=old))
-    session.add(DeadLetter(delivery_id="recent-discarded", task_name="invoices.issue", body={}, reason="x",
+    session.add(DeadLetter(fingerprint="recent-discarded", delivery_id="recent-discarded", task_name="invoices.issue", body={}, reason="x",
                            error="x", status="discarded", first_seen=recent, last_seen=recent))
     session.add_all([InvoiceWait(tenant_id=T, message_id="old", first_seen=old),
                      InvoiceWait(tenant_id=T, message_id="recent", first_seen=recent),
