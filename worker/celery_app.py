@@ -81,7 +81,8 @@ def make_app() -> Celery:
             # AMQP: wait for the broker's confirmation of every publish.
             "confirm_publish": True,
         },
-        worker_send_task_events=False,
+        # Flower: task events on when WORKER_SEND_TASK_EVENTS is set (a publish per task state).
+        worker_send_task_events=config.worker_send_task_events,
         worker_hijack_root_logger=False,
         worker_consumer="worker.consumer:InvoiceConsumer",
         imports=TASK_MODULES,
@@ -124,6 +125,10 @@ def _freeze_startup_objects(**_: object) -> None:
     pool processes inherit both the frozen objects and the threshold (checked in a pool process)."""
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
+
+
+# What operators see: log format and redaction, metrics, /healthz and /readyz (Celery signals).
+from worker import logs, telemetry  # noqa: E402,F401
 
 
 def publishing_app() -> Celery:

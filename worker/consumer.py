@@ -8,7 +8,7 @@ from typing import Any
 
 from celery.worker.consumer import Consumer
 
-from worker import dead_letters
+from worker import dead_letters, metrics
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ def _delivery(message: Any, body: Any) -> dead_letters.Delivery:
 
 
 def _store(message: Any, body: Any, reason: str, error: str) -> None:
+    metrics.count_message("unknown", "dead_lettered")  # not a task of ours: no name to label it with
     try:
         dead_letters.store(_delivery(message, body), reason=reason, error=error)
     except Exception:  # the database is away: Celery still logs the whole message

@@ -18,6 +18,8 @@ import psycopg
 from kombu import Connection, Exchange, Producer
 from sqlalchemy.engine import make_url
 
+from worker import metrics
+
 log = logging.getLogger(__name__)
 
 EVENTS_EXCHANGE = Exchange("invoices.events", type="topic", durable=True)
@@ -59,6 +61,7 @@ class Relay:
                 db.execute("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%s)",
                            ([r[0] for r in rows],))
         self.published += len(rows)
+        metrics.count_events([r[1] for r in rows])
         return len(rows)
 
     def run(self, stop: threading.Event | None = None) -> None:
