@@ -128,7 +128,7 @@ def main() -> None:
 
     try:
         load_settings()
-        from worker import cli_import, cli_invoices, cli_operations  # noqa: F401  (they add their commands)
+        from worker import cli_import, cli_invoices, cli_operations, cli_status  # noqa: F401  (they add their commands)
     except ConfigurationError as exc:
         click.echo(f"configuration error: {exc}", err=True)
         sys.exit(2)
