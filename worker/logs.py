@@ -14,8 +14,8 @@ from celery import signals
 from worker.config import settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-JSON_FIELDS = ("asctime", "levelname", "name", "processName", "message")
-JSON_RENAMED = {"asctime": "time", "levelname": "level", "name": "logger", "processName": "process"}
+JSON_FIELDS = ("levelname", "name", "processName", "message")
+JSON_RENAMED = {"levelname": "level", "name": "logger", "processName": "process"}
 REDACTED = "***"
 # The line each message ends with (JSON only: in text, Celery's own "Task … succeeded" line says it).
 task_log = logging.getLogger("worker.task")
@@ -57,7 +57,7 @@ class Redacting(logging.Formatter):
 def json_formatter() -> logging.Formatter:
     from pythonjsonlogger.json import JsonFormatter
 
-    return JsonFormatter(list(JSON_FIELDS), rename_fields=JSON_RENAMED)
+    return JsonFormatter(list(JSON_FIELDS), rename_fields=JSON_RENAMED, timestamp="time")  # ISO 8601, UTC
 
 
 def wants_json() -> bool:
@@ -71,14 +71,14 @@ def _dress(handler: logging.Handler) -> None:
     handler.setFormatter(Redacting(inner, secrets()))
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str | int = "INFO") -> None:
     """The CLI's logging: one handler on stderr, in LOG_FORMAT, redacting secrets."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     _dress(handler)
     root = logging.getLogger()
     root.handlers = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(level.upper() if isinstance(level, str) else level)
 
 
 @signals.after_setup_logger.connect
@@ -90,9 +90,15 @@ def _dress_celery_handlers(logger: logging.Logger, **_: Any) -> None:
 
 
 @signals.celeryd_init.connect
-def _quiet_banner(instance: Any = None, **_: Any) -> None:
-    """The start-up banner is printed, not logged: in JSON it would be the one line that is not JSON."""
-    if wants_json() and instance is not None:
+def _json_from_the_start(instance: Any = None, options: dict | None = None, **_: Any) -> None:
+    """In JSON, the worker's first lines are JSON too: its logging is set up before Celery checks
+    its privileges (a warning), and the start-up banner, printed rather than logged, is left out.
+    Celery keeps a handler it finds on the root logger (worker_hijack_root_logger is off)."""
+    if not wants_json():
+        return
+    configure((options or {}).get("loglevel") or "INFO")
+    logging.captureWarnings(True)
+    if instance is not None:
         instance.quiet = True
 
 
