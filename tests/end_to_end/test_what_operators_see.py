@@ -15,69 +15,64 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TABLES, Processes, order_body, outcome_of, send, wait_for
-from tests.end_to_end.operator_endpoint import free_port, get, metric_values, scraped
+from tests.conftest import ROOT, Processes, order_body, wait_for
+from tests.end_to_end.operator_endpoint import (
+    OwnBroker, free_port, get, metric_values, own_database, query, scraped, send_to,
+)
 
 MESSAGES = 30
 TENANT = "t-ops"
 
 
-def _clean(urls: dict[str, str]) -> None:
-    from kombu import Connection
-    from sqlalchemy import text
-
-    from worker import db
-    from worker.celery_app import QUEUES
-
-    with db.engine().begin() as conn:
-        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
-    with Connection(urls["BROKER_URL"]) as conn:
-        for name in QUEUES:
-            conn.default_channel.queue_purge(name)
-
-
-def _count(sql: str) -> int:
-    from sqlalchemy import text
-
-    from worker import db
-
-    with db.engine().connect() as conn:
-        return conn.execute(text(sql)).scalar_one()
+def outcome(database_url: str, message_id: str) -> dict[str, Any] | None:
+    rows = query(database_url, "SELECT outcome, reason, invoice_number FROM inbox WHERE tenant_id = %s AND "
+                 "message_id = %s", TENANT, message_id)
+    return {"outcome": rows[0][0], "reason": rows[0][1], "invoiceNumber": rows[0][2]} if rows else None
 
 
 @pytest.fixture(scope="module")
 def observed(urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One worker (3 pool processes), fed MESSAGES orders, one rejected payment and one malformed
-    message; its scrape before and after a relay published the outbox."""
-    _clean(urls)
+    message; its scrape before and after a relay published the outbox. On a broker and a database
+    of its own: the session's shared worker and relay would take some of the messages and events."""
+    with own_database(urls) as database_url:
+        yield from _observe(urls, database_url, tmp_path_factory)
+
+
+def _observe(urls: dict[str, str], database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    def count(sql: str) -> int:
+        return query(database_url, sql)[0][0]
+
     tmp = tmp_path_factory.mktemp("operators")
     folder = tmp / "metrics"
     folder.mkdir()
     port = free_port()
-    shared = {"PROMETHEUS_MULTIPROC_DIR": str(folder), "LOG_FORMAT": "json"}
-    procs = Processes(dict(urls), tmp)
+    broker = OwnBroker(tmp / "valkey")
+    shared = {"PROMETHEUS_MULTIPROC_DIR": str(folder), "LOG_FORMAT": "json", "BROKER_URL": broker.url,
+              "DATABASE_URL": database_url}
+    procs = Processes({**urls, "DATABASE_URL": database_url}, tmp)
     try:
         worker = procs.worker(concurrency=3, extra_env={**shared, "METRICS_PORT": str(port)})
         wait_for(lambda: get(port, "/healthz")[0] == 200, 30, what="the endpoint")
         orders = [order_body(tenant=TENANT, autoIssue=True) for _ in range(MESSAGES)]
         for body in orders:
-            send("invoices.order_shipped", body)
-        outcomes = [wait_for(lambda b=b: outcome_of(TENANT, b["messageId"]), 60, what="an order's outcome")
+            send_to(broker.url, "invoices.order_shipped", body)
+        outcomes = [wait_for(lambda b=b: outcome(database_url, b["messageId"]), 60, what="an order's outcome")
                     for b in orders]
         too_much = {"messageId": f"pay-{uuid.uuid4()}", "tenantId": TENANT, "invoiceNumber": outcomes[0]["invoiceNumber"],
                     "amount": "1000000.00", "currency": "USD", "paymentMethod": "EFT"}
-        send("invoices.record_payment", too_much)
-        rejection = wait_for(lambda: outcome_of(TENANT, too_much["messageId"]), 30, what="the rejection")
-        send("invoices.record_payment", {"messageId": f"bad-{uuid.uuid4()}", "tenantId": TENANT})  # no invoice, no amount
-        wait_for(lambda: _count("SELECT count(*) FROM dead_letters") == 1, 30, what="the dead letter")
+        send_to(broker.url, "invoices.record_payment", too_much)
+        rejection = wait_for(lambda: outcome(database_url, too_much["messageId"]), 30, what="the rejection")
+        send_to(broker.url, "invoices.record_payment", {"messageId": f"bad-{uuid.uuid4()}", "tenantId": TENANT})
+        wait_for(lambda: count("SELECT count(*) FROM dead_letters") == 1, 30, what="the dead letter")
         wait_for(lambda: metric_values(scraped(port), "invoice_worker_messages_total",
                                        task="invoices.record_payment", outcome="dead_lettered") == [1.0],
                  30, what="the last message counted")
         before = scraped(port)
-        database = {"outbox": _count("SELECT count(*) FROM outbox WHERE published_at IS NULL"),
-                    "created": _count("SELECT count(*) FROM outbox WHERE type = 'invoice.created'")}
+        database = {"outbox": count("SELECT count(*) FROM outbox WHERE published_at IS NULL"),
+                    "created": count("SELECT count(*) FROM outbox WHERE type = 'invoice.created'")}
         procs.relay(extra_env={**shared, "METRICS_PORT": "0"})
-        wait_for(lambda: _count("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0, 30,
+        wait_for(lambda: count("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0, 30,
                  what="the relay to publish")
         # The outbox gauge is cached for two seconds: wait until a scrape shows the outbox empty.
         wait_for(lambda: metric_values(scraped(port), "invoice_worker_outbox_unpublished") == [0.0], 30,
@@ -87,6 +82,7 @@ def observed(urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
                "rejection": rejection, "log": worker.log, "folder": folder}
     finally:
         procs.stop_all()
+        broker.stop()
 
 
 def test_the_applied_counter_equals_the_messages_applied_across_three_pool_processes(observed):
