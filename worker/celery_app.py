@@ -64,6 +64,8 @@ def make_app() -> Celery:
         # is handed back and runs again. Stop the old run at once rather than let two runs race (both
         # would be safe, by the inbox, but one is wasted); Celery 6 makes this the default.
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A bounded stop: running tasks get this long after SIGTERM, then stop and are handed back.
+        worker_soft_shutdown_timeout=config.worker_soft_shutdown_seconds,
         # Tasks can be long (bulk imports): one message at a time per pool process.
         worker_prefetch_multiplier=config.worker_prefetch_multiplier,
         worker_concurrency=config.worker_concurrency,

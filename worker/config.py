@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     # p50 latency was 222 ms with 2 and 20 ms with 3. Each process holds a whole import batch while
     # it works: peak PSS during a bulk import 199 MB with 2, 249 MB with 3, 296 MB with 4.
     worker_concurrency: int = Field(default_factory=lambda: (os.cpu_count() or 1) + 1, ge=1)
+    # On SIGTERM (remapped to Celery's cold shutdown, REMAP_SIGTERM=SIGQUIT, by `run` and the compose
+    # file): how long running tasks may finish before they are stopped. A stopped task's transaction
+    # rolls back and its message goes back to the queue, so nothing is lost either way.
+    worker_soft_shutdown_seconds: float = Field(default=20.0, ge=0)
     # Messages each pool process reserves ahead. 1 suits long tasks (bulk imports) and fair spreading.
     worker_prefetch_multiplier: int = Field(default=1, ge=1)
     # Redis only: how long an unacknowledged message stays invisible before the broker hands it

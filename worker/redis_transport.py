@@ -7,6 +7,10 @@ messages back on their queues; with the broker away that fails ("UNABLE TO RESTO
 messages stay in the hash until `visibility_timeout` (an hour by default) passes. Measured before
 this fix: the broker SIGKILLed and restarted 3 s later left 1 of 410 payments an hour late.
 
+The same failure could also stop the worker outright: restoring through a connection Celery had
+already torn down raised AttributeError in kombu 5.7, which Celery treats as unrecoverable (seen
+in the broker-kill scenario of tests/faults with kombu's own transport).
+
 Here the channel remembers the delivery tags it could not restore, and the next channel that
 reaches the broker restores them, by tag, as kombu itself would have (a tag that is no longer in
 the hash was acknowledged or restored meanwhile, and is skipped). A message restored while its
@@ -37,7 +41,9 @@ class QoS(redis.QoS):
         pending = [tag for tag in self._delivered if tag not in self._dirty]
         try:
             return super().restore_unacked(client)
-        except self.channel.connection_errors + (OSError,) as exc:
+        except Exception as exc:  # noqa: BLE001 - the broker is away, or the connection already torn down
+            # (kombu 5.7 then fails on `conninfo.hostname` of a closed connection: an AttributeError
+            # that Celery reports as an unrecoverable error and the worker exits; measured here)
             with _lock:
                 _orphans.update(pending)
             self._delivered.clear()

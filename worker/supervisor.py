@@ -22,7 +22,8 @@ from worker.config import settings
 from worker.logs import announce
 
 log = logging.getLogger(__name__)
-STOP_GRACE_SECONDS = 6.0
+# Beyond the worker's soft shutdown: the time its pool needs to stop after that.
+STOP_MARGIN_SECONDS = 6.0
 
 
 @dataclass
@@ -91,7 +92,9 @@ def run() -> int:
     try:
         migrate.upgrade(database_url)
         announce("database schema is current")
-        env = {**os.environ, "DATABASE_URL": database_url, "BROKER_URL": broker_url,
+        # SIGTERM as Celery's cold shutdown: running tasks get WORKER_SOFT_SHUTDOWN_SECONDS, then stop
+        # (a warm shutdown would wait for them without bound).
+        env = {"REMAP_SIGTERM": "SIGQUIT", **os.environ, "DATABASE_URL": database_url, "BROKER_URL": broker_url,
                "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
         procs = children(str(_state_dir(config.data_dir)))
         for child in procs:
@@ -146,7 +149,7 @@ def _stop_children(procs: list[Child]) -> None:
     live = [c for c in procs if c.alive()]
     for child in live:
         child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    deadline = time.monotonic() + settings().worker_soft_shutdown_seconds + STOP_MARGIN_SECONDS
     for child in live:
         try:
             child.process.wait(max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]

