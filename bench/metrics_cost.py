@@ -24,9 +24,9 @@ from bench.payments import end_to_end
 MICRO = r"""
 import ast, json, os, sys, time
 samples = int(sys.argv[1])
-from worker import metrics
+from worker.operations import metrics
 metrics.enable(multiprocess=sys.argv[2] == "pool")
-from worker.telemetry import _task_ended, _task_started
+from worker.operations.telemetry import _task_ended, _task_started
 result = {"outcome": "applied", "messageId": "pay-0f6f2b4e-1c0e-4f8e-9a7e-3d2b1c0a9f8e",
           "invoiceId": "6f1c2d3e-0000-4000-8000-000000000001", "invoiceNumber": "B-00042",
           "paymentId": "6f1c2d3e-0000-4000-8000-000000000002"}

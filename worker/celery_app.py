@@ -130,7 +130,7 @@ def _freeze_startup_objects(**_: object) -> None:
 
 
 # What operators see: log format and redaction, metrics, /healthz and /readyz (Celery signals).
-from worker import logs, telemetry  # noqa: E402,F401
+from worker.operations import logs, telemetry  # noqa: E402,F401
 
 
 def publishing_app() -> Celery:

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # Celery task events, for Flower (`celery -A worker flower`); off by default, they cost a publish per task.
     worker_send_task_events: bool = False
+    # /readyz fails when messages wait on the worker's queues, a pool slot is free, and none was received
+    # for this long: alive but not consuming (Celery #8030, #8384, #10205, after a broker reconnect).
+    consumer_stall_seconds: float = Field(default=30.0, gt=0)
 
     @field_validator("database_url")
     @classmethod

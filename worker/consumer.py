@@ -8,7 +8,8 @@ from typing import Any
 
 from celery.worker.consumer import Consumer
 
-from worker import dead_letters, metrics
+from worker import dead_letters
+from worker.operations import metrics
 
 log = logging.getLogger(__name__)
 

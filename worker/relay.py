@@ -18,7 +18,7 @@ import psycopg
 from kombu import Connection, Exchange, Producer
 from sqlalchemy.engine import make_url
 
-from worker import metrics
+from worker.operations import metrics
 
 log = logging.getLogger(__name__)
 

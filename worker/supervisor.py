@@ -19,7 +19,7 @@ from pathlib import Path
 
 from worker.celery_app import QUEUES
 from worker.config import settings
-from worker.logs import announce
+from worker.operations.logs import announce
 
 log = logging.getLogger(__name__)
 # Beyond the worker's soft shutdown: the time its pool needs to stop after that.
@@ -87,7 +87,7 @@ def run() -> int:
         announce(f"broker: {_safe(broker_url)}")
 
     procs: list[Child] = []
-    # Every child counts into one fresh folder; the worker's /metrics adds it up (worker.metrics).
+    # Every child counts into one fresh folder; the worker's /metrics adds it up (worker.operations.metrics).
     metrics_dir = tempfile.mkdtemp(prefix="invoice-worker-metrics-")
     try:
         migrate.upgrade(database_url)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -59,3 +60,45 @@ def test_a_port_already_taken_is_an_error_and_the_worker_still_consumes(processe
         assert applied_through(own_broker.url)["outcome"] == "applied"
     log = worker.log.read_text()
     assert f"ERROR/MainProcess] cannot serve /metrics, /healthz and /readyz on port {port}" in log
+
+
+def control(broker_url: str, command: str, node: str) -> None:
+    """Tell the worker to stop (cancel_consumer) or start (add_consumer) consuming every queue,
+    through an app of its own on that broker (Celery's control publishes through the app's own
+    producer pool, whatever connection is given); asked again until it answers."""
+    from celery import Celery
+
+    from worker.celery_app import QUEUES
+
+    app = Celery("control", broker=broker_url, set_as_current=False)
+    try:
+        for queue in QUEUES:
+            wait_for(lambda q=queue: getattr(app.control, command)(q, destination=[node], reply=True, timeout=1,
+                                                                     limit=1),
+                     20, what=f"{node} to answer {command} {queue}")
+    finally:
+        app.close()
+
+
+def test_readiness_is_503_naming_the_consumer_while_messages_wait_unreceived_and_200_once_it_receives(
+        processes, database, own_broker):
+    """A worker alive but no longer receiving (after a reconnect, Celery #8030 / #8384 / #10205) is
+    played by cancelling its consumers: its messages wait, none arrives."""
+    port, node = free_port(), f"stall-{uuid.uuid4().hex[:6]}@localhost"
+    worker = processes.worker(name=node, extra_env={"BROKER_URL": own_broker.url, "METRICS_PORT": str(port),
+                                                    "CONSUMER_STALL_SECONDS": "2"})
+    wait_for(lambda: get(port, "/readyz")[0] == 200, 30, what="the worker to be ready")
+    control(own_broker.url, "cancel_consumer", node)
+    body = order_body(tenant=TENANT)
+    send_to(own_broker.url, "invoices.order_shipped", body)
+
+    status, answer = wait_for(lambda: (reply := get(port, "/readyz"))[0] == 503 and reply, 30,
+                              what="readiness to fail")
+    problems = json.loads(answer)["problems"]
+    assert list(problems) == ["consumer"] and "messages waiting on its queues: 1;" in problems["consumer"], problems
+    assert outcome_of(TENANT, body["messageId"]) is None  # nothing was consumed meanwhile
+
+    control(own_broker.url, "add_consumer", node)
+    assert wait_for(lambda: outcome_of(TENANT, body["messageId"]), 30, what="the order")["outcome"] == "applied"
+    wait_for(lambda: get(port, "/readyz")[0] == 200, 30, what="readiness to come back")
+    assert worker.log.read_text().count("ERROR/MainProcess] not consuming") == 1

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from worker.health import STALL_SECONDS, Consumption, stalled
-from worker.logs import REDACTED, Redacting
+from worker.operations.health import STALL_SECONDS, Consumption, stalled
+from worker.operations.logs import REDACTED, Redacting
 
 
 @pytest.mark.parametrize(("waiting", "idle", "active", "expected"), [
@@ -24,20 +24,23 @@ def test_a_consumer_is_stopped_when_messages_wait_and_none_arrives_with_a_slot_f
 
 def test_consumption_trips_once_with_an_error_and_clears_when_a_message_arrives(caplog):
     watch = Consumption(concurrency=2)
-    watch.last_received -= STALL_SECONDS + 5
-    with caplog.at_level(logging.WARNING, logger="worker.health"):
+    watch.last_received -= STALL_SECONDS + 5  # a quiet spell: nothing received, nothing waiting
+    with caplog.at_level(logging.WARNING, logger="worker.operations.health"):
+        arriving = watch.problem(waiting=7)  # messages just arrived after the quiet spell: not a stop
+        watch.waiting_since -= STALL_SECONDS + 1  # ... and they are still waiting a while later
         first = watch.problem(waiting=7)
         second = watch.problem(waiting=7)
         watch.received()
         cleared = watch.problem(waiting=7)
-    assert first and "7 messages wait" in first and second is not None  # still stopped, said once
+    assert arriving is None
+    assert first and "messages waiting on its queues: 7;" in first and second is not None  # still stopped
     assert cleared is None
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "not consuming" in errors[0].getMessage()
 
 
 def test_a_secret_never_reaches_a_formatted_line_whatever_the_format():
-    from worker.logs import json_formatter
+    from worker.operations.logs import json_formatter
 
     record = logging.LogRecord("worker.x", logging.ERROR, __file__, 1, "cannot connect to %s with %s",
                                ("postgresql://app:hunter22@db/invoices", "sig-secret-1"), None)
@@ -49,7 +52,7 @@ def test_a_secret_never_reaches_a_formatted_line_whatever_the_format():
 
 def test_the_secrets_come_from_the_settings(monkeypatch):
     from worker import config
-    from worker.logs import secrets
+    from worker.operations.logs import secrets
 
     monkeypatch.setenv("CALLBACK_SIGNING_SECRET", "old-secret,new-secret")
     monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://app:pg-pass-9@db/invoices")

@@ -1,8 +1,9 @@
 """Celery's signals that feed what operators see, in every `celery -A worker worker`:
 
-- main process, before the pool forks: the metrics are made (multiprocess, see worker.metrics);
-- main process, once consuming: the endpoint on METRICS_PORT starts, and every message received
-  from the broker is noted (the "stopped consuming" check of /readyz, worker.health);
+- main process, before the pool forks: the metrics are made (multiprocess, see worker.operations.metrics);
+- main process, once consuming: the endpoint on METRICS_PORT starts, every message received from
+  the broker is noted, and readiness is checked every WATCH_SECONDS (the "stopped consuming"
+  check of /readyz, worker.operations.health, logs an ERROR when it trips);
 - pool process, around each message: its outcome and time are counted, and (LOG_FORMAT=json)
   its line is logged.
 
@@ -13,12 +14,13 @@ once for every task, rather than in each task.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
 from celery import signals
 
-from worker import logs, metrics
+from worker.operations import logs, metrics
 from worker.config import settings
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,9 @@ log = logging.getLogger(__name__)
 # A task's outcome as its counter's label (section 4's names, as Prometheus labels).
 OUTCOME_LABELS = {"applied": "applied", "duplicate": "duplicate", "rejected": "rejected",
                   "dead-lettered": "dead_lettered"}
+
+# How often the main process checks its own readiness when nobody asks (/readyz answers at once).
+WATCH_SECONDS = 10.0
 
 _started: dict[str, float] = {}
 _worker: dict[str, Any] = {}
@@ -38,24 +43,36 @@ def _make_metrics(**_: Any) -> None:
 
 
 @signals.worker_ready.connect
-def _serve(sender: Any = None, **_: Any) -> None:
-    """The consumer is ready: serve /metrics, /healthz and /readyz."""
-    port = settings().metrics_port
-    if not port or sender is None:
+def _watch_and_serve(sender: Any = None, **_: Any) -> None:
+    """The consumer is ready: watch readiness (an ERROR when the worker stops consuming, even when
+    nobody scrapes), and serve /metrics, /healthz and /readyz unless METRICS_PORT is 0."""
+    if sender is None:
         return
     from worker.endpoints import broker_url, database_url
-    from worker.health import Consumption, Probe
-    from worker.monitoring import serve
+    from worker.operations.endpoint import serve
+    from worker.operations.health import Consumption, Probe
 
-    consumption = Consumption(sender.controller.concurrency)
+    config = settings()
+    consumption = Consumption(sender.controller.concurrency, config.consumer_stall_seconds)
     queues = list(sender.app.amqp.queues.consume_from.values())
     probe = Probe(database_url(), broker_url(), queues, consumption)
-    _worker.update(consumption=consumption, probe=probe, server=serve(port, probe))
+    stop = threading.Event()
+    threading.Thread(target=_watch, args=(probe, stop), name="readiness-watch", daemon=True).start()
+    _worker.update(consumption=consumption, probe=probe, stop=stop,
+                   server=serve(config.metrics_port, probe) if config.metrics_port else None)
+
+
+def _watch(probe: Any, stop: threading.Event) -> None:
+    while not stop.wait(WATCH_SECONDS):
+        try:
+            probe.readiness()
+        except Exception:  # never let the watch die; the next round tries again
+            log.exception("readiness check failed")
 
 
 def readiness() -> tuple[bool, dict[str, Any]] | None:
-    """This worker's readiness as /readyz reports it (None outside a worker serving the endpoint):
-    for code that wants to act on a worker that stopped consuming."""
+    """This worker's readiness as /readyz reports it, (ready, {"ready", "problems"}); None outside
+    a worker's main process. For code that wants to act on a worker that stopped consuming."""
     probe = _worker.get("probe")
     return probe.readiness() if probe is not None else None
 
@@ -69,6 +86,8 @@ def _received(**_: Any) -> None:
 
 @signals.worker_shutdown.connect
 def _stop_serving(**_: Any) -> None:
+    if "stop" in _worker:
+        _worker.pop("stop").set()
     server = _worker.pop("server", None)
     if server is not None:
         server.shutdown()

@@ -24,7 +24,7 @@ def gather(database_url: str, broker_url: str, ping_timeout: float = 1.0) -> dic
     import psycopg
 
     from worker.celery_app import app
-    from worker.health import Snapshot, read_database, read_queues
+    from worker.operations.health import Snapshot, read_database, read_queues
     from worker.relay import libpq_url
 
     snapshot = Snapshot(taken=0.0)

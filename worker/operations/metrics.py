@@ -12,7 +12,7 @@ every pool process, and it only receives a task's return value as a repr string.
 mode costs one memory-mapped write per sample in the process that already holds the numbers
 (measured: see the commit that introduced this module and BENCHMARKS.md).
 
-Gauges (outbox lag, open dead letters, queue depth) are read at scrape time: see worker.health.
+Gauges (outbox lag, open dead letters, queue depth) are read at scrape time: see worker.operations.health.
 
 prometheus_client chooses between per-process and multiprocess values when it is imported, so
 nothing imports it before `enable()` has set PROMETHEUS_MULTIPROC_DIR.

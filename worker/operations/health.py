@@ -21,6 +21,7 @@ PROBE_CACHE_SECONDS = 2.0
 PROBE_TIMEOUT_SECONDS = 2
 # Messages waiting on our queues and none received for this long, with a pool slot free: the
 # consumer has stopped (Celery bugs #8030, #8384, #10205: alive after a reconnect, but not consuming).
+# CONSUMER_STALL_SECONDS sets it.
 STALL_SECONDS = 30.0
 
 OUTBOX_LAG = ("SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL")
@@ -85,29 +86,40 @@ def stalled(waiting: int, idle_seconds: float, active: int, concurrency: int, af
 
 class Consumption:
     """The main process's view of its own consuming: when a message was last received from the
-    broker, and how many it is running. `received()` is called for every message."""
+    broker, since when messages have been seen waiting, and how many it is running. `received()`
+    is called for every message received."""
 
-    def __init__(self, concurrency: int) -> None:
+    def __init__(self, concurrency: int, after: float = STALL_SECONDS) -> None:
         self.concurrency = concurrency
+        self.after = after
         self.last_received = time.monotonic()
+        self.waiting_since: float | None = None
         self.tripped = False
 
     def received(self) -> None:
         self.last_received = time.monotonic()
 
     def problem(self, waiting: int) -> str | None:
-        """A sentence when the consumer has stopped, else None; logs an ERROR when it first trips."""
+        """A sentence when the consumer has stopped, else None; logs an ERROR when it first trips.
+        The wait counts from the later of the last message received and the first reading that saw
+        messages waiting (any reading with none starts it again), so that messages arriving after a
+        quiet hour, or taken by another worker, do not look like a stop."""
         from celery.worker import state
 
-        idle = time.monotonic() - self.last_received
+        now = time.monotonic()
+        if waiting == 0:
+            self.waiting_since = None
+        elif self.waiting_since is None:
+            self.waiting_since = now
+        idle = now - max(self.last_received, self.waiting_since or now)
         active = len(state.active_requests)
-        if not stalled(waiting, idle, active, self.concurrency):
+        if not stalled(waiting, idle, active, self.concurrency, self.after):
             if self.tripped:
-                log.warning("consuming again (a message was received or the queues drained)")
+                log.warning("consuming again (a message was received, or none waits)")
             self.tripped = False
             return None
-        sentence = (f"not consuming: {waiting} messages wait on its queues and none was received for "
-                    f"{idle:.0f}s with {self.concurrency - active} of {self.concurrency} pool slots free")
+        sentence = (f"not consuming: messages waiting on its queues: {waiting}; none received for {idle:.0f}s "
+                    f"with {self.concurrency - active} of {self.concurrency} pool slots free")
         if not self.tripped:
             log.error("%s; the broker connection may need a restart of the worker", sentence)
         self.tripped = True

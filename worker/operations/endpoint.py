@@ -10,9 +10,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
-from worker import metrics
+from worker.operations import metrics
 from worker.config import settings
-from worker.health import Probe
+from worker.operations.health import Probe
 
 log = logging.getLogger(__name__)
 
