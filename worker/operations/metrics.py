@@ -53,10 +53,11 @@ def enable(*, multiprocess: bool = True) -> str | None:
     if multiprocess and not directory:
         directory = _owned_directory = tempfile.mkdtemp(prefix="invoice-worker-metrics-")
         os.environ[MULTIPROC_VARIABLE] = directory
-    from prometheus_client import Counter, Histogram, values
+    from prometheus_client import Counter, Histogram, disable_created_metrics, values
 
     if directory and not _is_multiprocess(values):
         raise RuntimeError("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set")
+    disable_created_metrics()  # the multiprocess mode has no *_created series; alone, none either
     _metrics.update(
         messages=Counter("invoice_worker_messages", "Messages by task and outcome.", ["task", "outcome"]),
         rejections=Counter("invoice_worker_rejections", "Rejected messages by task and reason code.",
@@ -103,24 +104,28 @@ def count_events(types: list[str]) -> None:
         counter.labels(type_).inc()
 
 
+class _Together:
+    """Several collectors read as one registry, built per scrape (nothing registered globally, so
+    concurrent scrapes never see each other's collectors)."""
+
+    def __init__(self, *sources: Any) -> None:
+        self.sources = sources
+
+    def collect(self) -> Any:
+        for source in self.sources:
+            yield from source.collect()
+
+
 def exposition(*collectors: Any) -> tuple[bytes, str]:
     """The Prometheus text of this worker: every process's counters and histograms, and the given
     scrape-time collectors. (Body, content type.)"""
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
     directory = os.environ.get(MULTIPROC_VARIABLE)
     if directory:
         from prometheus_client import multiprocess
 
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=directory)
+        counted: Any = multiprocess.MultiProcessCollector(None, path=directory)
     else:
-        registry = REGISTRY
-    for collector in collectors:
-        registry.register(collector)
-    try:
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    finally:
-        if registry is REGISTRY:
-            for collector in collectors:
-                registry.unregister(collector)
+        counted = REGISTRY
+    return generate_latest(_Together(counted, *collectors)), CONTENT_TYPE_LATEST  # type: ignore[arg-type]
