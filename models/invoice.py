@@ -130,15 +130,16 @@ class Invoice(InvoiceLifecycle, InvoicePayments, Base):
         if self.imported_invoice_total is not None:
             self.invoice_total = self.imported_invoice_total
         else:
-            self.invoice_total = self.subtotal - self.discount_amount + self.tax_amount
+            self.invoice_total = round_money(self.subtotal - self.discount_amount + self.tax_amount, c,
+                                             field="invoiceTotal")
         self.amount_paid = self.imported_amount_paid + sum((p.net_amount for p in self.payments), ZERO)
-        self.balance = self.invoice_total - self.amount_paid
+        self.balance = round_money(self.invoice_total - self.amount_paid, c, field="balance")
 
     def _add_paid(self, delta: Decimal) -> None:
         """A payment completed (delta > 0) or a refund went out (delta < 0): the total stays, so
         amountPaid and balance move by the delta, without reading every payment of the invoice."""
-        self.amount_paid += delta
-        self.balance = self.invoice_total - self.amount_paid
+        self.amount_paid = round_money(self.amount_paid + delta, self.currency, field="amountPaid")
+        self.balance = round_money(self.invoice_total - self.amount_paid, self.currency, field="balance")
 
     @property
     def imported_amount_paid(self) -> Decimal:

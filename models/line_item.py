@@ -57,7 +57,7 @@ def build_line(position: int, item: dict[str, Any], currency: str) -> LineItem:
     if unit_price < 0:
         raise DomainError("invalid-line-item", f"line {position}: unitPrice may not be negative")
     line_discount = money(item.get("discount_amount") or ZERO, currency, field=f"line {position} discountAmount")
-    gross = round_money(quantity * unit_price, currency)
+    gross = round_money(quantity * unit_price, currency, field=f"line {position} quantity × unitPrice")
     if line_discount < 0 or line_discount > gross:
         raise DomainError(
             "invalid-line-item",

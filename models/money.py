@@ -40,8 +40,16 @@ def _quantum(currency: str) -> Decimal:
     return Decimal(1).scaleb(-minor_unit(currency))
 
 
-def round_money(amount: Decimal, currency: str) -> Decimal:
-    """Computed amounts are rounded half-up to the currency's minor unit."""
+# Money columns are Numeric(20, 4): sixteen digits before the point. A computed amount beyond
+# that (1,000 lines of 10^11 each, a quantity of 10^8 at 10^11) is rejected, never a database error.
+MONEY_LIMIT = Decimal(10) ** 16
+
+
+def round_money(amount: Decimal, currency: str, *, field: str = "amount") -> Decimal:
+    """Computed amounts are rounded half-up to the currency's minor unit, and must fit the columns."""
+    if not amount.is_finite() or abs(amount) >= MONEY_LIMIT:
+        raise DomainError("amount-too-large", f"{field} {amount:.4E} is beyond what an invoice can hold "
+                                              f"(less than 10^16 {currency})")
     return amount.quantize(_quantum(currency), rounding=ROUND_HALF_UP)
 
 
@@ -60,7 +68,7 @@ def money(value: Decimal | int | str, currency: str, *, field: str = "amount") -
             "invalid-amount",
             f"{field} {amount} has more decimals than {currency} allows ({decimals})",
         )
-    return round_money(amount, currency)
+    return round_money(amount, currency, field=field)
 
 
 def format_money(amount: Decimal, currency: str) -> str:

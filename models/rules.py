@@ -43,7 +43,12 @@ def invoice_number_for(sequence: int) -> str:
 def due_date_from_terms(invoice_date: date, payment_terms: str | None) -> date | None:
     """`NetN` means due N days after the invoice date; other terms give no default."""
     match = NET_TERMS.match((payment_terms or "").strip())
-    return invoice_date + timedelta(days=int(match.group(1))) if match else None
+    if not match:
+        return None
+    try:
+        return invoice_date + timedelta(days=int(match.group(1)))
+    except OverflowError:
+        raise DomainError("invalid-date", f"{payment_terms} after {invoice_date} is past the last date there is") from None
 
 
 

@@ -12,7 +12,10 @@ from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
 from models.money import is_currency
 
 DECIMAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
-MAX_DIGITS = 18
+# Amounts below 10^12: with up to 1,000 lines and quantities below 10^6 every computed amount
+# still fits the money columns (Numeric(20, 4)); what a computation pushes past them is rejected
+# `amount-too-large` by the domain.
+MAX_DIGITS = 12
 
 
 def _to_decimal(value: Any) -> Decimal:
@@ -65,8 +68,32 @@ def _currency(value: str) -> str:
 
 Amount = Annotated[Decimal, BeforeValidator(_to_decimal), AfterValidator(_not_negative)]
 PositiveAmount = Annotated[Decimal, BeforeValidator(_to_decimal), AfterValidator(_positive)]
+
+
+def _quantity(value: Decimal) -> Decimal:
+    if value.adjusted() >= 6:
+        raise ValueError("must be below 1,000,000")
+    if -value.normalize().as_tuple().exponent > 6:  # type: ignore[operator]
+        raise ValueError("may have at most 6 decimals")
+    return value
+
+
+Quantity = Annotated[Decimal, BeforeValidator(_to_decimal), AfterValidator(_positive), AfterValidator(_quantity)]
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$"), AfterValidator(_currency)]
-Id = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
-Short = Annotated[str, StringConstraints(max_length=200)]
-Text = Annotated[str, StringConstraints(max_length=10_000)]
+def _storable(value: str) -> str:
+    """Text PostgreSQL can keep: no NUL character, no lone UTF-16 surrogate (JSON can carry both)."""
+    if "\x00" in value:
+        raise ValueError("may not contain a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate, which is not text") from None
+    return value
+
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True), AfterValidator(_storable)]
+Short = Annotated[str, StringConstraints(max_length=200), AfterValidator(_storable)]
+# Values kept in 50-character columns (paymentTerms, paymentMethod, cardBrand, provider).
+Code = Annotated[str, StringConstraints(max_length=50), AfterValidator(_storable)]
+Text = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(_storable)]
 Percent = Annotated[Decimal, BeforeValidator(_to_decimal), Field(ge=0, le=100)]

@@ -45,7 +45,7 @@ def record_offline_payment(uow: UnitOfWork, message: RecordPayment) -> Outcome:
         "amount", "currency", "payment_method", "payment_date", "reference_number", "notes", "payment_profile_id",
         "card_brand", "card_last_four", "status",
     })
-    payment = invoice.record_payment(payment_id=derived_id(message.tenant_id, message.message_id), **fields)
+    payment = invoice.record_payment(payment_id=derived_id("payment", message.tenant_id, message.message_id), **fields)
     return applied(message, invoice, paymentId=str(payment.id))
 
 
@@ -91,7 +91,7 @@ def refund_payment(self: InvoiceTask, body: object = None, *args: object, **kwar
 
 def refund(uow: UnitOfWork, message: RefundPayment) -> Outcome:
     invoice = uow.invoice(message.address)
-    invoice.refund(refund_id=derived_id(message.tenant_id, message.message_id), payment_id=message.payment_id,
+    invoice.refund(refund_id=derived_id("refund", message.tenant_id, message.message_id), payment_id=message.payment_id,
                    amount=message.amount, reference_number=message.reference_number, reason=message.reason)
     return applied(message, invoice)
 

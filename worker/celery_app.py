@@ -4,6 +4,7 @@ CONTRACT.md section 2, and the beat schedule of section 8."""
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 
 from celery import Celery, signals
@@ -64,8 +65,8 @@ def make_app() -> Celery:
         # is handed back and runs again. Stop the old run at once rather than let two runs race (both
         # would be safe, by the inbox, but one is wasted); Celery 6 makes this the default.
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        # A bounded stop: running tasks get this long after SIGTERM, then stop and are handed back.
-        worker_soft_shutdown_timeout=config.worker_soft_shutdown_seconds,
+        task_soft_time_limit=config.task_soft_time_limit,
+        task_time_limit=config.task_time_limit,
         # Tasks can be long (bulk imports): one message at a time per pool process.
         worker_prefetch_multiplier=config.worker_prefetch_multiplier,
         worker_concurrency=config.worker_concurrency,
@@ -127,6 +128,13 @@ def _freeze_startup_objects(**_: object) -> None:
     pool processes inherit both the frozen objects and the threshold (checked in a pool process)."""
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
+
+
+@signals.worker_init.connect
+def _warn_unsigned_callbacks(**_: object) -> None:
+    if not settings().callback_signing_secret:
+        logging.getLogger(__name__).warning(
+            "CALLBACK_SIGNING_SECRET is not set: payment callbacks are accepted unsigned; set it in production")
 
 
 # What operators see: log format and redaction, metrics, /healthz and /readyz (Celery signals).

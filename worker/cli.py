@@ -117,10 +117,12 @@ def publish(task: str, source: Any) -> None:
 
 
 def console() -> "Console":
-    """Rich output; when piped (no terminal), wide enough that tables are not cut."""
+    """Rich output; when piped (no terminal), wide enough that tables are not cut. Markup is off:
+    what is printed comes from messages (ids, notes, errors), and a value such as "[/x]" read as
+    markup crashed the command."""
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=200)
+    return Console(markup=False) if sys.stdout.isatty() else Console(markup=False, width=200)
 
 
 def main() -> None:

@@ -48,7 +48,11 @@ def batches(lines: Any, default_tenant: str | None, size: int, report: Report) -
             reject(item.line, item.error)
             continue
         entry = dict(item.entry)
-        entry_tenant = entry.pop("tenantId", None) or default_tenant
+        row_tenant = entry.pop("tenantId", None)
+        if default_tenant and row_tenant and row_tenant != default_tenant:
+            reject(item.line, f"the row names tenant {row_tenant!r}; this import is for --tenant {default_tenant!r}")
+            continue
+        entry_tenant = row_tenant or default_tenant
         if not entry_tenant:
             reject(item.line, "no tenantId (give --tenant or a tenantId column)")
             continue

@@ -65,7 +65,7 @@ def get_command(invoice: str, tenant: str | None, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     out = console()
-    out.print(f"[bold]{data['invoiceNumber']}[/bold]  {data['status']}  tenant {data['tenantId']}  id {data['id']}")
+    out.print(f"{data['invoiceNumber']}  {data['status']}  tenant {data['tenantId']}  id {data['id']}")
     out.print(f"order {data['orderId']} ({data['orderNumber']})  customer {data['customer'].get('companyName') or data['customer'].get('customerId')}")
     out.print(f"date {data['invoiceDate']}  due {data['dueDate']}  terms {data['paymentTerms']}")
     lines = Table("#", "sku", "description", "qty", "unit price", "discount", "total")

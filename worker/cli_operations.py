@@ -96,7 +96,7 @@ def events_status(as_json: bool) -> None:
     data = status(database_url())
     click.echo(json.dumps(data) if as_json else
                f"unpublished: {data['unpublished']}  oldest: {data['oldestUnpublishedAgeSeconds']}s  "
-               f"published (kept): {data['publishedKept']}")
+               f"published (kept): {data['publishedKept']}  parked: {data['parked']}")
 
 
 @events.command("tail")

@@ -45,10 +45,9 @@ class Settings(BaseSettings):
     # p50 latency was 222 ms with 2 and 20 ms with 3. Each process holds a whole import batch while
     # it works: peak PSS during a bulk import 199 MB with 2, 249 MB with 3, 296 MB with 4.
     worker_concurrency: int = Field(default_factory=lambda: (os.cpu_count() or 1) + 1, ge=1)
-    # On SIGTERM (remapped to Celery's cold shutdown, REMAP_SIGTERM=SIGQUIT, by `run` and the compose
-    # file): how long running tasks may finish before they are stopped. A stopped task's transaction
-    # rolls back and its message goes back to the queue, so nothing is lost either way.
-    worker_soft_shutdown_seconds: float = Field(default=20.0, ge=0)
+    # After SIGTERM (Celery's warm shutdown: running tasks finish, nothing new starts), how long `run`
+    # waits for the worker before it kills it; a killed task's message is handed back and runs again.
+    worker_stop_seconds: float = Field(default=30.0, ge=0)
     # Messages each pool process reserves ahead. 1 suits long tasks (bulk imports) and fair spreading.
     worker_prefetch_multiplier: int = Field(default=1, ge=1)
     # Redis only: how long an unacknowledged message stays invisible before the broker hands it
@@ -63,6 +62,18 @@ class Settings(BaseSettings):
     # Poison messages (section 4): a message that has started this many times without reaching an
     # outcome (its process died each time) is dead-lettered worker-lost before it runs again.
     max_deliveries: int = Field(default=5, ge=1)
+    # Bounds on one message's work: a statement, a wait for a row lock, a task. A lock wait that runs
+    # out is a conflict, retried (an import holding 10,000 invoices does not stall every pool process);
+    # a task past its soft limit is dead-lettered; past the hard limit its process is replaced and
+    # the message counts a delivery (poison messages). Sized from `make bench`: a 10,000-entry import
+    # takes 2-5 s on 2 cores, a payment milliseconds.
+    statement_timeout_ms: int = Field(default=60_000, ge=0)
+    lock_timeout_ms: int = Field(default=10_000, ge=0)
+    task_soft_time_limit: float = Field(default=300.0, gt=0)
+    task_time_limit: float = Field(default=330.0, gt=0)
+    # A message body larger than this is dead-lettered `too-large` before it is decoded.
+    # The largest allowed bulk_import (10,000 invoices × 3 lines) is about 4.2 MB of JSON.
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # How many outbox rows the relay publishes per transaction.
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     import_batch_size: int = Field(default=1000, ge=1, le=10_000)

@@ -8,6 +8,7 @@ import threading
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.config import settings
 from worker.endpoints import database_url
 
 _lock = threading.Lock()
@@ -23,8 +24,10 @@ def engine() -> Engine:
         if _engine is None or _engine_pid != os.getpid():
             if _engine is not None:
                 _engine.dispose(close=False)
-            _engine = create_engine(database_url(), pool_size=4, max_overflow=4,
-                                    pool_recycle=1800)
+            config = settings()
+            _engine = create_engine(database_url(), pool_size=4, max_overflow=4, pool_recycle=1800, connect_args={
+                "options": f"-c statement_timeout={config.statement_timeout_ms} -c lock_timeout={config.lock_timeout_ms}",
+            })
             _engine_pid = os.getpid()
             # No autoflush: the unit of work writes everything at commit, in one flush. With autoflush
             # on, a lazy load inside a domain operation (the invoice's payments, read when a payment

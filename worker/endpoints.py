@@ -23,7 +23,11 @@ def endpoints_path() -> Path:
 def write_endpoints(database: str, broker: str) -> None:
     path = endpoints_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"databaseUrl": database, "brokerUrl": broker, "pid": os.getpid()}))
+    # The URLs may carry passwords (a configured DATABASE_URL beside an embedded broker): owner only.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps({"databaseUrl": database, "brokerUrl": broker, "pid": os.getpid()}))
 
 
 def remove_endpoints() -> None:

@@ -32,11 +32,13 @@ CONFLICT_ATTEMPTS = 8
 
 
 class MalformedMessage(Exception):
-    """The body does not follow the contract's schema: dead-letter it."""
+    """The body does not follow the contract's schema (`malformed`) or exceeds one of its limits
+    (`too-large`): dead-letter it."""
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: str, reason: str = "malformed") -> None:
         super().__init__(error)
         self.error = error
+        self.reason = reason
 
 
 def describe_validation(exc: ValidationError) -> str:
@@ -57,7 +59,10 @@ def parse(schema: type[M], body: Any, extra_args: tuple = (), extra_kwargs: dict
     try:
         return schema.model_validate(body)
     except ValidationError as exc:
-        raise MalformedMessage(describe_validation(exc)) from None
+        too_large = any(err["type"] == "too_large" for err in exc.errors())
+        raise MalformedMessage(describe_validation(exc), "too-large" if too_large else "malformed") from None
+    except RecursionError:
+        raise MalformedMessage("the body nests deeper than the worker reads", "too-large") from None
 
 
 def _sqlstate(exc: DBAPIError | psycopg.Error) -> str | None:

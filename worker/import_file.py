@@ -71,11 +71,13 @@ def read_csv(handle: TextIO) -> Iterator[FileLine]:
         if None in row:
             yield FileLine(number, error="the row has more fields than the header")
             continue
-        key = (row.get("invoiceNumber") or "").strip()
-        if not key:
+        number_of_row = (row.get("invoiceNumber") or "").strip()
+        if not number_of_row:
             yield FileLine(number, error="invoiceNumber is empty")
             continue
-        if current is None or current.entry["invoiceNumber"] != key:
+        # Rows of one invoice: the same (tenant, invoice number); another tenant's row starts its own.
+        key = ((row.get("tenantId") or "").strip(), number_of_row)
+        if current is None or (str(current.entry.get("tenantId") or "").strip(), current.entry["invoiceNumber"]) != key:
             if current is not None:
                 yield current
             current = FileLine(number, entry=_invoice_from_row(row))

@@ -50,6 +50,10 @@ class OutboxEvent(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("clock_timestamp()"))
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set aside by the relay: the broker refused this event (or it is too large to send); it waits
+    # for an operator (`events status`) while the events after it flow.
+    parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    park_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class DeadLetter(Base):
@@ -58,8 +62,10 @@ class DeadLetter(Base):
     __tablename__ = "dead_letters"
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    # The broker-level id of the delivery (Celery task id): the same delivery dead-lettered twice is one row.
-    delivery_id: Mapped[str] = mapped_column(String(200), unique=True)
+    # The worker's own key (dead_letters.fingerprint): the same delivery of the same message is one row.
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    # The broker-level id of the delivery (Celery task id), as the publisher chose it.
+    delivery_id: Mapped[str] = mapped_column(String(200), index=True)
     task_name: Mapped[str] = mapped_column(String(200))
     message_id: Mapped[str | None] = mapped_column(String(200))
     tenant_id: Mapped[str | None] = mapped_column(String(200))

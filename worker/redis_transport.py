@@ -11,9 +11,10 @@ The same failure could also stop the worker outright: restoring through a connec
 already torn down raised AttributeError in kombu 5.7, which Celery treats as unrecoverable (seen
 in the broker-kill scenario of tests/faults with kombu's own transport).
 
-Here the channel remembers the delivery tags it could not restore, and the next channel that
-reaches the broker restores them, by tag, as kombu itself would have (a tag that is no longer in
-the hash was acknowledged or restored meanwhile, and is skipped). A message restored while its
+Here the channel remembers the messages it could not restore (and any it could not even register
+in the hash: BRPOP had already taken them off their list), and the next channel that reaches the
+broker hands them back. A message restored twice (once here, once by kombu's visibility sweep)
+runs twice; the inbox makes the second run a duplicate. A message restored while its
 task still finishes on the old connection runs twice; the inbox makes the second run a duplicate.
 """
 
@@ -23,12 +24,15 @@ import logging
 import threading
 
 from kombu.transport import redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-# Delivery tags of this process whose restore failed, waiting for a connection that works.
-_orphans: set[str] = set()
+# Messages of this process that could not be handed back (or not even registered as delivered)
+# because the broker was away: delivery tag → (payload, exchange, routing key).
+_orphans: dict[str, tuple[dict, str, str]] = {}
 
 
 def orphans() -> frozenset[str]:
@@ -36,16 +40,31 @@ def orphans() -> frozenset[str]:
         return frozenset(_orphans)
 
 
+def _remember(messages: list) -> None:
+    with _lock:
+        for message in messages:
+            info = message.delivery_info
+            _orphans[message.delivery_tag] = (message._raw, info["exchange"], info["routing_key"])
+
+
 class QoS(redis.QoS):
+    def append(self, message, delivery_tag):  # noqa: ANN001 - kombu's signature
+        """kombu registers a delivered message in the `unacked` hash after BRPOP took it from its
+        list; when the broker goes away in between, the message would exist nowhere but here."""
+        try:
+            return super().append(message, delivery_tag)
+        except Exception:
+            _remember([message])
+            raise
+
     def restore_unacked(self, client=None):  # noqa: ANN001 - kombu's signature
-        pending = [tag for tag in self._delivered if tag not in self._dirty]
+        pending = [m for tag, m in self._delivered.items() if tag not in self._dirty]
         try:
             return super().restore_unacked(client)
         except Exception as exc:  # noqa: BLE001 - the broker is away, or the connection already torn down
             # (kombu 5.7 then fails on `conninfo.hostname` of a closed connection: an AttributeError
             # that Celery reports as an unrecoverable error and the worker exits; measured here)
-            with _lock:
-                _orphans.update(pending)
+            _remember(pending)
             self._delivered.clear()
             log.warning("broker away: %d unacknowledged message(s) will be handed back when it answers (%s)",
                         len(pending), exc)
@@ -57,17 +76,28 @@ class QoS(redis.QoS):
 
 
 def restore_orphans(qos: QoS) -> int:
-    """Hand back the remembered tags through this channel; keep those it cannot reach."""
+    """Hand back the remembered messages through this channel, at the head of their queues (they
+    waited longest): from the `unacked` hash where kombu registered them (removing them there), else
+    from the copy kept here. Those it cannot reach yet stay remembered."""
     with _lock:
-        tags = list(_orphans)
+        pending = list(_orphans.items())
     restored = 0
-    for tag in tags:
+    for tag, (payload, exchange, routing_key) in pending:
+
+        def hand_back(pipe) -> None:  # noqa: ANN001 - a redis pipeline in a WATCH transaction
+            registered = pipe.hget(qos.unacked_key, tag)
+            pipe.multi()
+            pipe.zrem(qos.unacked_index_key, tag).hdel(qos.unacked_key, tag)
+            message, ex, rk = loads(bytes_to_str(registered)) if registered else (payload, exchange, routing_key)
+            qos.channel._do_restore_message(message, ex, rk, pipe)
+
         try:
-            qos.restore_by_tag(tag)  # at the head of its queue: it has waited longest
+            with qos.channel.conn_or_acquire() as client:
+                client.transaction(hand_back, qos.unacked_key)
         except qos.channel.connection_errors + (OSError,):
             break
         with _lock:
-            _orphans.discard(tag)
+            _orphans.pop(tag, None)
         restored += 1
     if restored:
         log.warning("handed back %d message(s) left unacknowledged when the broker went away", restored)

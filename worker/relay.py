@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 EVENTS_EXCHANGE = Exchange("invoices.events", type="topic", durable=True)
 CHANNEL = "invoice_outbox"
 BATCH = 500
+# Payload bytes per batch (one transaction): 500 large invoices would otherwise be one huge batch.
+BATCH_BYTES = 8 * 1024 * 1024
+# An event larger than this is parked, not sent (RabbitMQ refuses far smaller messages by default
+# than Redis; a 1,000-line invoice's invoice.created is about 300 KB).
+MAX_EVENT_BYTES = 4 * 1024 * 1024
 IDLE_POLL_SECONDS = 2.0
 
 
@@ -45,24 +50,46 @@ class Relay:
         self.published = 0
 
     def publish_batch(self, db: psycopg.Connection, producer: Producer) -> int:
-        """Publish up to one batch of unpublished rows in id order; return how many."""
+        """Publish up to one batch of unpublished rows in id order (at most `batch` rows and about
+        BATCH_BYTES of payload); return how many rows it handled. A row the broker refuses, or one
+        larger than MAX_EVENT_BYTES, is parked with its error instead of failing the batch: one
+        event never holds up the others. Losing the broker itself still fails the batch."""
         with db.transaction():
             rows = db.execute(
-                "SELECT id, type, payload FROM outbox WHERE published_at IS NULL "
-                "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED", (self.batch,),
+                "SELECT id, type, payload, octet_length(payload::text) FROM outbox "
+                "WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+                (self.batch,),
             ).fetchall()
-            for _id, type_, payload in rows:
-                producer.publish(
-                    payload, exchange=EVENTS_EXCHANGE, routing_key=type_, serializer="json", delivery_mode=2,
-                    message_id=payload.get("eventId"),
-                    retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
-                )
-            if rows:
-                db.execute("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%s)",
-                           ([r[0] for r in rows],))
-        self.published += len(rows)
-        metrics.count_events([r[1] for r in rows])
-        return len(rows)
+            published, types, parked, size = [], [], [], 0
+            for id_, type_, payload, length in rows:
+                if published and size + length > BATCH_BYTES:
+                    break  # the rest waits for the next batch (still locked until this commit)
+                size += length
+                if length > MAX_EVENT_BYTES:
+                    parked.append((id_, f"the event is {length} bytes; at most {MAX_EVENT_BYTES} are sent"))
+                    continue
+                try:
+                    producer.publish(
+                        payload, exchange=EVENTS_EXCHANGE, routing_key=type_, serializer="json", delivery_mode=2,
+                        message_id=payload.get("eventId"),
+                        retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+                    )
+                except producer.connection.connection_errors + producer.connection.channel_errors:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the broker refused this one message
+                    parked.append((id_, f"{type(exc).__name__}: {exc}"[:2000]))
+                    continue
+                published.append(id_)
+                types.append(type_)
+            if published:
+                db.execute("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%s)", (published,))
+            for id_, reason in parked:
+                log.error("relay: event %s parked: %s", id_, reason)
+                db.execute("UPDATE outbox SET parked_at = clock_timestamp(), park_reason = %s WHERE id = %s",
+                           (reason, id_))
+        self.published += len(published)
+        metrics.count_events(types)
+        return len(published) + len(parked)
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Publish until stopped; reconnect with back-off when PostgreSQL or the broker is away."""
@@ -98,13 +125,14 @@ class Relay:
 def status(database_url: str) -> dict[str, Any]:
     """Outbox lag: unpublished events and the age of the oldest."""
     with psycopg.connect(libpq_url(database_url)) as db:
-        count, oldest, published = db.execute(
-            "SELECT count(*) FILTER (WHERE published_at IS NULL), min(created_at) FILTER (WHERE published_at IS NULL), "
-            "count(*) FILTER (WHERE published_at IS NOT NULL) FROM outbox"
+        count, oldest, published, parked = db.execute(
+            "SELECT count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NULL), "
+            "min(created_at) FILTER (WHERE published_at IS NULL AND parked_at IS NULL), "
+            "count(*) FILTER (WHERE published_at IS NOT NULL), count(*) FILTER (WHERE parked_at IS NOT NULL) FROM outbox"
         ).fetchone()
     age = (datetime.now(timezone.utc) - oldest).total_seconds() if oldest else 0.0
     return {"unpublished": count, "oldestUnpublishedAgeSeconds": round(age, 3),
-            "oldestUnpublishedAt": oldest.isoformat() if oldest else None, "publishedKept": published}
+            "oldestUnpublishedAt": oldest.isoformat() if oldest else None, "publishedKept": published, "parked": parked}
 
 
 def wait_until_drained(database_url: str, timeout: float = 30.0) -> bool:

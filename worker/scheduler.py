@@ -8,7 +8,9 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
+from models.errors import DomainError
 from models.invoice import Invoice
 from models.payment import Payment
 from worker import db
@@ -40,23 +42,36 @@ def retry_failed_payments(scan_id: str, now: datetime | None = None) -> dict[str
     now = now or datetime.now(timezone.utc)
     requested = dropped = 0
     for payment_id, invoice_id, tenant_id in due_retries(now):
-        with db.sessions()() as session:
-            uow = UnitOfWork(session, tenant_id=tenant_id, message_id=None, task="invoices.retry_failed_payments")
-            invoice = uow.find_by_id(invoice_id)
-            failed = invoice.payment(payment_id) if invoice else None
-            if failed is None or failed.next_retry_at is None or failed.next_retry_at > now:
-                session.rollback()  # another scan took it, or it stopped being due
-                continue
-            retry = invoice.request_retry(failed, derived_id("retry", failed.id), now=now)
-            uow.causation_id = f"{scan_id}:{payment_id}"
-            uow.commit_changes()
-            if retry is None:
-                dropped += 1
-            else:
-                requested += 1
+        try:
+            outcome = _retry_one(scan_id, payment_id, invoice_id, tenant_id, now)
+        except IntegrityError:
+            # Another scan created this attempt a moment ago (retry_of is unique): nothing to do.
+            log.info("retry scan %s: payment %s was retried by another scan", scan_id, payment_id)
+            continue
+        except DomainError as error:
+            # One payment the rules refuse costs that payment alone, never the rest of the scan.
+            log.warning("retry scan %s: payment %s not retried: %s", scan_id, payment_id, error)
+            continue
+        requested += outcome == "requested"
+        dropped += outcome == "dropped"
     if requested or dropped:
         log.info("retry scan %s: %d retries requested, %d dropped", scan_id, requested, dropped)
     return {"requested": requested, "dropped": dropped}
+
+
+def _retry_one(scan_id: str, payment_id: uuid.UUID, invoice_id: uuid.UUID, tenant_id: str, now: datetime) -> str | None:
+    """One due retry in a transaction of its own, under the invoice's row lock."""
+    with db.sessions()() as session:
+        uow = UnitOfWork(session, tenant_id=tenant_id, message_id=None, task="invoices.retry_failed_payments")
+        invoice = uow.find_by_id(invoice_id)
+        failed = invoice.payment(payment_id) if invoice else None
+        if failed is None or failed.next_retry_at is None or failed.next_retry_at > now:
+            session.rollback()  # another scan took it, or it stopped being due
+            return None
+        retry = invoice.request_retry(failed, derived_id("retry", tenant_id, failed.id), now=now)
+        uow.causation_id = f"{scan_id}:{payment_id}"
+        uow.commit_changes()
+        return "dropped" if retry is None else "requested"
 
 
 def prune_outbox(now: datetime | None = None) -> int:

@@ -22,8 +22,6 @@ from worker.config import settings
 from worker.operations.logs import announce
 
 log = logging.getLogger(__name__)
-# Beyond the worker's soft shutdown: the time its pool needs to stop after that.
-STOP_MARGIN_SECONDS = 6.0
 
 
 @dataclass
@@ -80,8 +78,9 @@ def run() -> int:
         if broker_url is None:
             broker_url = servers.start_broker()
         write_endpoints(database_url, broker_url)
-        announce(f"embedded PostgreSQL: {_safe(database_url)}")
-        announce(f"embedded Redis-compatible broker: {_safe(broker_url)}")
+        # Passwords hidden: one of the two URLs may be a configured one.
+        announce(f"{'embedded PostgreSQL' if config.database_url is None else 'database'}: {_safe(database_url)}")
+        announce(f"{'embedded Redis-compatible broker' if config.broker_url is None else 'broker'}: {_safe(broker_url)}")
     else:
         announce(f"database: {_safe(database_url)}")
         announce(f"broker: {_safe(broker_url)}")
@@ -92,9 +91,7 @@ def run() -> int:
     try:
         migrate.upgrade(database_url)
         announce("database schema is current")
-        # SIGTERM as Celery's cold shutdown: running tasks get WORKER_SOFT_SHUTDOWN_SECONDS, then stop
-        # (a warm shutdown would wait for them without bound).
-        env = {"REMAP_SIGTERM": "SIGQUIT", **os.environ, "DATABASE_URL": database_url, "BROKER_URL": broker_url,
+        env = {**os.environ, "DATABASE_URL": database_url, "BROKER_URL": broker_url,
                "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
         procs = children(str(_state_dir(config.data_dir)))
         for child in procs:
@@ -149,7 +146,7 @@ def _stop_children(procs: list[Child]) -> None:
     live = [c for c in procs if c.alive()]
     for child in live:
         child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-    deadline = time.monotonic() + settings().worker_soft_shutdown_seconds + STOP_MARGIN_SECONDS
+    deadline = time.monotonic() + settings().worker_stop_seconds
     for child in live:
         try:
             child.process.wait(max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
@@ -168,7 +165,7 @@ def _safe(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     try:
-        parsed = make_url(url)
-        return parsed.render_as_string(hide_password=bool(parsed.password))  # an empty one hides nothing
+        return make_url(url).render_as_string(hide_password=True)
     except Exception:
-        return url.split("@")[-1]
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.split('@')[-1]}" if "@" in rest else url

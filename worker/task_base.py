@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Any, Callable, TypeVar
 
 import kombu.exceptions
 import psycopg
 from celery import Task
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TaskPredicate
 from pydantic import BaseModel
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -35,19 +37,45 @@ class InvoiceTask(Task):
     max_retries = settings().task_max_retries
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the message, unless it is a poison message: one that has already started
-        MAX_DELIVERIES times without reaching an outcome. Only redeliveries are counted.
+        """Run the message and end it in an outcome, whatever happens: a poison message (one that
+        already started MAX_DELIVERIES times without an outcome) and anything that breaks
+        unexpectedly, or still fails when its retries ran out, is dead-lettered here, in the task,
+        so that a store that cannot be reached hands the message back instead of losing it.
         (Called by Celery's tracer with the request already pushed, so this calls run directly.)"""
+        body = args[0] if len(args) == 1 and not kwargs else {"args": list(args), "kwargs": kwargs}
+        try:
+            if self._poisoned(body):
+                return self.keep(body, "worker-lost",
+                                 f"the message started {settings().max_deliveries} times and its worker process died "
+                                 f"each time (MAX_DELIVERIES={settings().max_deliveries}); it is not run again")
+            return self.run(*args, **kwargs)
+        except TaskPredicate:  # Celery's own control flow: a retry, a reject
+            raise
+        except Exception as exc:
+            reason = "payment-unknown" if isinstance(exc, PaymentNotYetKnown) else (
+                "retries-exhausted" if isinstance(exc, TRANSIENT) else
+                "time-limit" if isinstance(exc, SoftTimeLimitExceeded) else "task-error")
+            if reason == "task-error":
+                log.exception("%s %s broke; dead-lettering it", self.name, self.request.id)
+            return self.keep(body, reason, f"{type(exc).__name__}: {exc}")
+
+    def _poisoned(self, body: Any) -> bool:
+        """Only redeliveries are counted: a first delivery costs no round trip."""
         request = self.request
-        if (request.delivery_info or {}).get("redelivered") and request.id:
-            starts = self.retrying(lambda: deliveries.count_start(str(request.id), self.name))
-            limit = settings().max_deliveries
-            body = args[0] if args else None
-            if starts > limit and not self.retrying(lambda: deliveries.has_outcome(body)):
-                error = (f"the message started {starts - 1} times and its worker process died each time "
-                         f"(MAX_DELIVERIES={limit}); it is not run again")
-                return self.retrying(lambda: dead_letter(self.delivery(body), "worker-lost", error).to_dict())
-        return self.run(*args, **kwargs)
+        if not (request.delivery_info or {}).get("redelivered") or not request.id:
+            return False
+        starts = self.retrying(lambda: deliveries.count_start(str(request.id), self.name))
+        return starts > settings().max_deliveries and not self.retrying(lambda: deliveries.has_outcome(body))
+
+    def keep(self, body: Any, reason: str, error: str) -> dict[str, Any]:
+        """Dead-letter the message. When even that fails (the database is away), the message goes
+        back to its queue after a pause: it is never acknowledged unstored, nor sent again as a copy."""
+        try:
+            return dead_letter(self.delivery(body), reason, error).to_dict()
+        except Exception as exc:
+            log.error("cannot dead-letter %s %s (%s: %s); handing it back", self.name, self.request.id, reason, exc)
+            time.sleep(min(backoff(self.request.retries), 5))
+            raise Reject(f"dead letter store unreachable: {exc}", requeue=True) from None
 
     def delivery(self, body: Any) -> dead_letters.Delivery:
         request = self.request
@@ -64,13 +92,13 @@ class InvoiceTask(Task):
         try:
             message = parse(schema, body, args, kwargs)
         except MalformedMessage as exc:
-            return self.retrying(lambda: dead_letter(self.delivery(body), "malformed", exc.error).to_dict())
+            return self.retrying(lambda: dead_letter(self.delivery(body), exc.reason, exc.error).to_dict())
         return self.retrying(lambda: execute(self.name, message, operation).to_dict())
 
     def retrying(self, work: Callable[[], T]) -> T:
         """Run work; on a passing fault, send the message round again after an exponential back-off
         with jitter (never zero, so that a late message has time to arrive). When the retries run
-        out, the fault is raised and on_failure dead-letters the message."""
+        out, the fault is raised and `__call__` dead-letters the message."""
         try:
             return work()
         except InvoiceNotYetKnown as exc:
@@ -81,17 +109,8 @@ class InvoiceTask(Task):
             raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from None
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
-        """Retries ran out, or something unexpected broke: keep the message whole for an operator."""
-        body = args[0] if len(args) == 1 and not kwargs else {"args": list(args), "kwargs": kwargs}
-        reason = "payment-unknown" if isinstance(exc, PaymentNotYetKnown) else (
-            "retries-exhausted" if isinstance(exc, TRANSIENT) else "task-error")
-        error = f"{type(exc).__name__}: {exc}"
-        try:
-            dead_letter(self.delivery(body), reason, error)
-        except Exception:
-            # The store is away too. Send the message round again later rather than lose it.
-            log.exception("cannot dead-letter %s %s; sending it again", self.name, task_id)
-            self.apply_async(args=args, kwargs=kwargs, countdown=settings().task_retry_backoff_max)
+        """Only what escaped `__call__` arrives here (it dead-letters everything else)."""
+        log.error("%s %s failed outside its outcome handling: %s: %s", self.name, task_id, type(exc).__name__, exc)
 
 
 def backoff(retries: int) -> float:

@@ -3,6 +3,7 @@ outbox events, so that a message is applied at most once and its events exist if
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -97,9 +98,12 @@ _WAITED = (
 ID_NAMESPACE = uuid.UUID("5d6f0c1e-8a7b-4c3d-9e2f-1a0b2c3d4e5f")
 
 
-def derived_id(*parts: object) -> uuid.UUID:
-    """A stable id from the message that creates a thing: a replay creates the same id."""
-    return uuid.uuid5(ID_NAMESPACE, "\x1f".join(str(p) for p in parts))
+def derived_id(purpose: str, tenant_id: str, *parts: object) -> uuid.UUID:
+    """A stable id from the message that creates a thing: a replay creates the same id. The purpose
+    and the tenant are part of it, and the parts are JSON-encoded (not joined by a separator a
+    publisher could put inside an id): no message can produce the id of another tenant's payment
+    or of the scheduler's retry."""
+    return uuid.uuid5(ID_NAMESPACE, json.dumps([purpose, tenant_id, *(str(p) for p in parts)]))
 
 
 def event_envelope(*, type_: str, tenant_id: str, invoice_id: uuid.UUID | None, invoice_number: str | None,

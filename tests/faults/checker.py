@@ -146,8 +146,11 @@ def wait_settled(database_url: str, ledger: Ledger, expected_dead: dict[str, str
     deadline = time.monotonic() + timeout
     while not settled(database_url, ledger, expected_dead):
         if time.monotonic() > deadline:
-            missing = len(ledger.keys() - set(outcomes(database_url)))
-            raise AssertionError(f"{missing} of {len(ledger.messages)} messages have no outcome after {timeout}s")
+            dead = {m for m, _, _ in dead_letters(database_url)}
+            missing = [key for key in ledger.keys() - set(outcomes(database_url)) if key[1] not in dead]
+            shown = ", ".join(f"{ledger.messages[m].task} {m}" for _, m in missing[:5])
+            raise AssertionError(f"{len(missing)} of {len(ledger.messages)} messages have no outcome after {timeout}s "
+                                 f"({shown}); dead letters expected but missing: {set(expected_dead) - dead}")
         time.sleep(0.2)
     return time.monotonic()
 

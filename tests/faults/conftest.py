@@ -196,8 +196,7 @@ class Scenario:
         environment.broker.flush()
         self.database_url = environment.database_server.fresh()
         self.broker_url = environment.broker.url
-        self.env = {**TEST_ENV, "DATABASE_URL": self.database_url, "BROKER_URL": self.broker_url,
-                    "REMAP_SIGTERM": "SIGQUIT"}
+        self.env = {**TEST_ENV, "DATABASE_URL": self.database_url, "BROKER_URL": self.broker_url}
         self.processes = Processes(self.env, logdir)
 
     def publisher(self):

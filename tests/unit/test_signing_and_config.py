@@ -31,8 +31,8 @@ def test_verify_accepts_the_right_signature_and_names_what_is_wrong():
     signed = {**VECTOR, "signature": sign(VECTOR, "test-secret")}
     assert verify(signed, "test-secret") is None
     assert verify(VECTOR, "test-secret") == "the callback carries no signature"
-    assert verify({**signed, "amount": "1.00"}, "test-secret") == "the signature does not match the body"
-    assert verify(signed, "other-secret") == "the signature does not match the body"
+    assert verify({**signed, "amount": "1.00"}, "test-secret") == "the signature does not match the body under any configured secret"
+    assert verify(signed, "other-secret") == "the signature does not match the body under any configured secret"
     assert verify({**signed, "signature": signed["signature"].upper()}, "test-secret") is not None
 
 

@@ -1,0 +1,53 @@
+"""Two worker nodes (as on two hosts), two relays and two beats; pool processes SIGKILLed at
+random while 10,000 payments arrive, 30% of them sent twice."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from tests.faults.checker import EventTap, Ledger, ReliabilityRow, check, wait_settled
+from tests.faults.conftest import kill_pool_process
+from tests.faults.test_broker import invoices
+from tests.faults.traffic import Stream, amounts, payment
+
+PAYMENTS = 10_000
+INVOICES = 100
+
+
+def test_two_nodes_random_kills_and_duplicates(scenario, reliability, tmp_path):
+    tap = EventTap(scenario.broker_url)
+    beats = {"PAYMENT_RETRY_SCAN_SECONDS": "1"}
+    nodes = [scenario.processes.worker(name=f"node-{n}@host-{n}") for n in (1, 2)]
+    for n in (1, 2):
+        scenario.processes.relay()
+        scenario.processes.beat(tmp_path / f"beat-{n}", extra_env=beats)
+    ledger, tenant = Ledger(), "t-nodes"
+    numbers = invoices(scenario, ledger, tenant, INVOICES)
+    rng = random.Random(13)
+    bodies = [payment(tenant, numbers[i % INVOICES], a) for i, a in enumerate(amounts(PAYMENTS, seed=13))]
+    # 30% sent again, somewhere later in the stream, as a publisher that retried would.
+    positioned = [(float(i), body) for i, body in enumerate(bodies)]
+    positioned += [(rng.uniform(i + 1, PAYMENTS + 1), bodies[i]) for i in rng.sample(range(PAYMENTS), PAYMENTS * 3 // 10)]
+    stream = [body for _, body in sorted(positioned, key=lambda pair: pair[0])]
+    kills, stop = [], threading.Event()
+
+    def kill_at_random() -> None:
+        while not stop.wait(rng.uniform(0.5, 2.0)):
+            pid = kill_pool_process(rng.choice(nodes).pid, lambda children: rng.choice(children))
+            if pid:
+                kills.append(pid)
+
+    killer = threading.Thread(target=kill_at_random, daemon=True)
+    killer.start()
+    Stream(scenario.publisher(), ledger, "invoices.record_payment", stream, per_second=2000).start().join(300)
+    wait_settled(scenario.database_url, ledger, {}, timeout=400)
+    stop.set()
+    verdict = check(scenario.database_url, ledger, tap, event_timeout=120)
+    reliability.append(ReliabilityRow(
+        "two worker nodes, two relays, two beats; 10,000 payments, 30% sent twice", verdict.sent, verdict.copies,
+        f"{len(kills)} pool processes SIGKILLed at random", verdict.lost, verdict.applied_twice,
+        verdict.events_missing, None))
+    tap.close()
+    verdict.assert_holds()
+    assert len(kills) >= 5 and all(node.poll() is None for node in nodes)

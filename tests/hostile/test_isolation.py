@@ -1,0 +1,66 @@
+"""One bad event or one bad payment costs itself alone: the relay parks an event it cannot send
+and publishes the rest; the retry scan goes on past a payment it cannot retry."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import psycopg
+from kombu import Connection, Producer
+
+from tests.conftest import EventCollector
+from worker import db, relay
+from worker.relay import MAX_EVENT_BYTES, Relay, libpq_url
+
+
+def outbox_row(conn: psycopg.Connection, payload_size: int = 10) -> str:
+    event_id = str(uuid.uuid4())
+    payload = {"eventId": event_id, "type": "invoice.updated", "tenantId": "t-iso", "sequence": None,
+               "data": {"pad": "x" * payload_size}}
+    conn.execute("INSERT INTO outbox (event_id, type, tenant_id, payload) VALUES (%s, %s, %s, %s)",
+                 (event_id, "invoice.updated", "t-iso", json.dumps(payload)))
+    return event_id
+
+
+def test_an_event_too_large_to_send_is_parked_and_the_others_flow(database, broker):
+    url = database
+    collector = EventCollector(broker)
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        before = outbox_row(conn)
+        huge = outbox_row(conn, MAX_EVENT_BYTES + 1)
+        after = outbox_row(conn)
+    sender = Relay(url, broker)
+    with psycopg.connect(libpq_url(url)) as conn, Connection(broker) as connection:
+        relay.EVENTS_EXCHANGE(connection.default_channel).declare()
+        handled = sender.publish_batch(conn, Producer(connection.default_channel))
+    assert handled == 3
+    received = {e["eventId"] for e in collector.drain(lambda e: len(e) >= 2, timeout=10)}
+    assert received == {before, after}
+    state = relay.status(url)
+    assert (state["unpublished"], state["parked"]) == (0, 1)
+    with psycopg.connect(libpq_url(url)) as conn:
+        reason = conn.execute("SELECT park_reason FROM outbox WHERE event_id = %s", (huge,)).fetchone()[0]
+    assert str(MAX_EVENT_BYTES) in reason
+    collector.close()
+
+
+def test_the_retry_scan_goes_past_a_payment_it_cannot_retry(running):
+    """Two failed saved-card payments are due; the retry id of the first is already taken (as a
+    crafted message could once take it). The second is still retried."""
+    from tests.end_to_end.test_payments import TENANT, failed_saved_card_payment
+    from worker.scheduler import retry_failed_payments
+    from worker.unit_of_work import derived_id
+
+    (_, first), (_, second) = failed_saved_card_payment(), failed_saved_card_payment()
+    taken = derived_id("retry", TENANT, first)
+    with db.engine().begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO payments (id, invoice_id, status, amount, currency, attempt, created_at) "
+            "SELECT %(id)s, invoice_id, 'Pending', 1, 'USD', 0, now() FROM payments WHERE id = %(other)s",
+            {"id": taken, "other": second})
+    result = retry_failed_payments(f"scan-{uuid.uuid4()}")
+    assert result["requested"] == 1
+    with db.engine().connect() as conn:
+        retried = conn.exec_driver_sql("SELECT count(*) FROM payments WHERE retry_of = %(id)s", {"id": second}).scalar()
+    assert retried == 1
