@@ -5,7 +5,8 @@ COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY tasks ./tasks
 COPY models ./models
-RUN pip install .
+# The ops extra brings Flower (the flower service of docker-compose.yml).
+RUN pip install ".[ops]"
 COPY examples ./examples
 # Run as an unprivileged user.
 RUN useradd --create-home invoice && chown -R invoice /app

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import psutil
 
-from bench import bulk_import, payments, pruning, under_load
+
+from bench import bulk_import, metrics_cost, payments, pruning, under_load
 from bench.harness import ROOT, Environment
 
 
@@ -83,6 +84,15 @@ def main() -> int:
         rows.append((f"end to end: {n_pay:,} record_payment on {n_inv:,} invoices", f"{e2e['rate']:.0f} msg/s",
                      f"{e2e['rate'] / a['rate']:.0%} of A, {e2e['rate'] / b['rate']:.0%} of B; "
                      f"worker {memory(e2e)}"))
+        n_cost = min(n_pay, 10_000)
+        cost = metrics_cost.side_by_side(env, lambda: payments.payment_bodies(numbers, n_cost), concurrency)
+        off, on = (sum(cost[k]) / len(cost[k]) for k in ("off", "on"))
+        rows.append((f"end to end, metrics off / on (scraped every second): {n_cost:,} record_payment, "
+                     f"{len(cost['off'])} rounds each", f"{off:.0f} / {on:.0f} msg/s",
+                     f"rounds off {', '.join(f'{r:.0f}' for r in cost['off'])}, on "
+                     f"{', '.join(f'{r:.0f}' for r in cost['on'])}; counting one message: {cost['pool_us']:.1f} µs "
+                     f"in its pool process (multiprocess files, what the worker does), {cost['main_us']:.1f} µs "
+                     f"if the main process counted (parsing the result's repr)"))
         lat = payments.latency(env, numbers, 200, lat_seconds, concurrency)
         rows.append((f"latency at 200 msg/s for {lat_seconds} s", f"p50 {lat['p50']:.1f} ms",
                      f"p95 {lat['p95']:.1f} ms, p99 {lat['p99']:.1f} ms ({lat['count']} events"

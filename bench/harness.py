@@ -44,7 +44,8 @@ class Environment:
         self.database_url = base.set(database=self.name).render_as_string(hide_password=False)
         self.libpq = make_url(self.database_url).set(drivername="postgresql").render_as_string(hide_password=False)
         self.broker_url = broker.rsplit("/", 1)[0] + "/5"  # a broker database of its own
-        os.environ.update({"DATABASE_URL": self.database_url, "BROKER_URL": self.broker_url})
+        # Metrics off unless a part turns them on (bench.metrics_cost): parts stay comparable with earlier runs.
+        os.environ.update({"DATABASE_URL": self.database_url, "BROKER_URL": self.broker_url, "METRICS_PORT": "0"})
         from worker import db
         from worker.celery_app import app
         from worker.config import settings

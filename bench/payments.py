@@ -125,9 +125,10 @@ def publish_payments_until_applied(env: Environment, bodies: list[dict[str, Any]
     return started
 
 
-def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
+               worker_env: dict[str, str] | None = None) -> dict[str, float]:
     """From the first publish to the last event published, with the relay running."""
-    proc, rel = worker(concurrency), relay()
+    proc, rel = worker(concurrency, worker_env), relay()
     try:
         with PeakMemory(proc) as memory:
             started = publish_payments_until_applied(env, bodies)

@@ -33,6 +33,8 @@ TEST_ENV = {
     "PAYMENT_RETRY_DAYS": "0,0.00002,0.00004",
     # A message naming a missing invoice waits this long for it (out of order across queues).
     "INVOICE_WAIT_SECONDS": "2",
+    # Workers of parallel tests would fight over 9808; a test of the endpoint gives its own port.
+    "METRICS_PORT": "0",
 }
 # How the tests start Python processes of the project: SQLAlchemy's warnings are errors there too.
 STRICT_PYTHON = [sys.executable, "-m", "tests.strict"]

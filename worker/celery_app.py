@@ -84,7 +84,8 @@ def make_app() -> Celery:
             # AMQP: wait for the broker's confirmation of every publish.
             "confirm_publish": True,
         },
-        worker_send_task_events=False,
+        # Flower: task events on when WORKER_SEND_TASK_EVENTS is set (a publish per task state).
+        worker_send_task_events=config.worker_send_task_events,
         worker_hijack_root_logger=False,
         worker_consumer="worker.consumer:InvoiceConsumer",
         imports=TASK_MODULES,
@@ -140,6 +141,10 @@ def _warn_unsigned_callbacks(**_: object) -> None:
     if not settings().callback_signing_secret:
         logging.getLogger(__name__).warning(
             "CALLBACK_SIGNING_SECRET is not set: payment callbacks are accepted unsigned; set it in production")
+
+
+# What operators see: log format and redaction, metrics, /healthz and /readyz (Celery signals).
+from worker.operations import logs, telemetry  # noqa: E402,F401
 
 
 def publishing_app() -> Celery:

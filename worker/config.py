@@ -9,7 +9,7 @@ import functools
 import os
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -82,6 +82,15 @@ class Settings(BaseSettings):
     # How many outbox rows the relay publishes per transaction.
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     import_batch_size: int = Field(default=1000, ge=1, le=10_000)
+    # The operator's HTTP endpoint (/metrics, /healthz, /readyz); 0 turns it off (section 10).
+    metrics_port: int = Field(default=9808, ge=0, le=65535)
+    # `json`: every log line one JSON object; `text`: lines for people.
+    log_format: Literal["text", "json"] = "text"
+    # Celery task events, for Flower (`celery -A worker flower`); off by default, they cost a publish per task.
+    worker_send_task_events: bool = False
+    # /readyz fails when messages wait on the worker's queues, a pool slot is free, and none was received
+    # for this long: alive but not consuming (Celery #8030, #8384, #10205, after a broker reconnect).
+    consumer_stall_seconds: float = Field(default=30.0, gt=0)
 
     @field_validator("database_url")
     @classmethod

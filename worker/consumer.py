@@ -11,8 +11,9 @@ from typing import Any
 from celery.worker.consumer import Consumer
 
 from worker import dead_letters
-from worker.celery_app import QUEUES
+from worker.celery_app import QUEUES, ROUTES
 from worker.config import settings
+from worker.operations import metrics
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def _kept(message: Any, body: Any, reason: str, error: str) -> bool:
     is never acknowledged before it is stored."""
     try:
         dead_letters.store(_delivery(message, body), reason=reason, error=error)
+        task = str((message.headers or {}).get("task"))
+        metrics.count_message(task if task in ROUTES else "unknown", "dead_lettered")  # any name: not a label
         return True
     except Exception as exc:
         log.error("could not dead-letter a %s message (%s); handing it back to the broker", reason, exc)

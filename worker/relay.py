@@ -18,6 +18,8 @@ import psycopg
 from kombu import Connection, Exchange, Producer
 from sqlalchemy.engine import make_url
 
+from worker.operations import metrics
+
 log = logging.getLogger(__name__)
 
 EVENTS_EXCHANGE = Exchange("invoices.events", type="topic", durable=True)
@@ -58,7 +60,7 @@ class Relay:
                 "WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
                 (self.batch,),
             ).fetchall()
-            published, parked, size = [], [], 0
+            published, types, parked, size = [], [], [], 0
             for id_, type_, payload, length in rows:
                 if published and size + length > BATCH_BYTES:
                     break  # the rest waits for the next batch (still locked until this commit)
@@ -78,6 +80,7 @@ class Relay:
                     parked.append((id_, f"{type(exc).__name__}: {exc}"[:2000]))
                     continue
                 published.append(id_)
+                types.append(type_)
             if published:
                 db.execute("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%s)", (published,))
             for id_, reason in parked:
@@ -85,6 +88,7 @@ class Relay:
                 db.execute("UPDATE outbox SET parked_at = clock_timestamp(), park_reason = %s WHERE id = %s",
                            (reason, id_))
         self.published += len(published)
+        metrics.count_events(types)
         return len(published) + len(parked)
 
     def run(self, stop: threading.Event | None = None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from worker.celery_app import QUEUES
 from worker.config import settings
+from worker.operations.logs import announce
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +31,10 @@ class Child:
     process: subprocess.Popen | None = None
     restarts: int = 0
     started_at: float = field(default=0.0)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def start(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(self.argv, env=env, start_new_session=True)
+        self.process = subprocess.Popen(self.argv, env={**env, **self.extra_env}, start_new_session=True)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
@@ -40,15 +43,19 @@ class Child:
 
 
 def children(data_dir: str) -> list[Child]:
+    """The worker serves METRICS_PORT; beat and the relay do not (the relay's counter reaches the
+    worker's scrape through the shared PROMETHEUS_MULTIPROC_DIR)."""
     python = sys.executable
     host = socket.gethostname()
+    quiet = ["--quiet"] if settings().log_format == "json" else []  # beat's banner is printed, not logged
+    silent = {"METRICS_PORT": "0"}
     return [
         Child("worker", [python, "-m", "celery", "-A", "worker", "worker", "-Q", ",".join(QUEUES),
                          "-n", f"invoice-worker@{host}", "--loglevel", "INFO", "--without-mingle",
                          "--without-gossip"]),
-        Child("beat", [python, "-m", "celery", "-A", "worker", "beat", "--loglevel", "INFO",
-                       "-s", os.path.join(data_dir, "celerybeat-schedule")]),
-        Child("relay", [python, "-m", "worker.cli", "relay"]),
+        Child("beat", [python, "-m", "celery", "-A", "worker", *quiet, "beat", "--loglevel", "INFO",
+                       "-s", os.path.join(data_dir, "celerybeat-schedule")], extra_env=silent),
+        Child("relay", [python, "-m", "worker.cli", "relay"], extra_env=silent),
     ]
 
 
@@ -72,28 +79,32 @@ def run() -> int:
             broker_url = servers.start_broker()
         write_endpoints(database_url, broker_url)
         # Passwords hidden: one of the two URLs may be a configured one.
-        print(f"{'embedded PostgreSQL' if config.database_url is None else 'database'}: {_safe(database_url)}", flush=True)
-        print(f"{'embedded Redis-compatible broker' if config.broker_url is None else 'broker'}: {_safe(broker_url)}",
-              flush=True)
+        announce(f"{'embedded PostgreSQL' if config.database_url is None else 'database'}: {_safe(database_url)}")
+        announce(f"{'embedded Redis-compatible broker' if config.broker_url is None else 'broker'}: {_safe(broker_url)}")
     else:
-        print(f"database: {_safe(database_url)}\nbroker: {_safe(broker_url)}", flush=True)
+        announce(f"database: {_safe(database_url)}")
+        announce(f"broker: {_safe(broker_url)}")
 
     procs: list[Child] = []
+    # Every child counts into one fresh folder; the worker's /metrics adds it up (worker.operations.metrics).
+    metrics_dir = tempfile.mkdtemp(prefix="invoice-worker-metrics-")
     try:
         migrate.upgrade(database_url)
-        print("database schema is current", flush=True)
-        env = {**os.environ, "DATABASE_URL": database_url, "BROKER_URL": broker_url}
+        announce("database schema is current")
+        env = {**os.environ, "DATABASE_URL": database_url, "BROKER_URL": broker_url,
+               "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
         procs = children(str(_state_dir(config.data_dir)))
         for child in procs:
             child.start(env)
-        print("worker, beat and relay running; Ctrl-C stops them", flush=True)
+        announce("worker, beat and relay running; Ctrl-C stops them")
         _supervise(procs, env, stop)
     finally:
         _stop_children(procs)
         if servers is not None:
             remove_endpoints()
             servers.stop()
-        print("stopped", flush=True)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        announce("stopped")
     return 0
 
 
