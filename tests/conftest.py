@@ -102,10 +102,10 @@ def _reload_settings() -> None:
 
     settings.cache_clear()
     db.reset()
-    from worker.redis_transport import transport_for
+    from worker import brokers
+    from worker.celery_app import QUEUES
 
-    app.conf.broker_url = os.environ["BROKER_URL"]
-    app.conf.broker_transport = transport_for(app.conf.broker_url)
+    brokers.configure(app, tuple(QUEUES), os.environ["BROKER_URL"], settings().max_deliveries)
 
 
 @pytest.fixture
