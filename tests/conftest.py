@@ -240,6 +240,33 @@ def running(_shared_processes: Processes, database: str, broker: str) -> Process
     return _shared_processes
 
 
+def isolated_broker_url(broker_url: str) -> str:
+    """A broker of its own on the same server, for a worker that must not share the session's
+    queues: Redis database 7, or the vhost `isolated` (made by worker/rabbitmq_node.py)."""
+    from worker.brokers import is_amqp
+
+    if is_amqp(broker_url):
+        scheme, rest = broker_url.split("://", 1)
+        return f"{scheme}://{rest.split('/', 1)[0]}/isolated"
+    return broker_url.rsplit("/", 1)[0] + "/7"
+
+
+def publisher_app(broker_url: str) -> Any:
+    """A Celery app of an upstream service: JSON, and the worker's queue declarations for this
+    broker (RabbitMQ refuses a queue declared with other arguments than the worker's)."""
+    from celery import Celery
+
+    from worker import brokers
+    from worker.celery_app import QUEUES
+    from worker.config import settings
+
+    app = Celery("publisher")
+    app.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True,
+                    broker_transport_options={"confirm_publish": True},
+                    **brokers.broker_settings(tuple(QUEUES), broker_url, settings().max_deliveries))
+    return app
+
+
 def send(task: str, body: Any) -> str:
     """Publish a task as any upstream service would; returns the body's messageId."""
     from worker.celery_app import app, queue_for

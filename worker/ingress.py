@@ -113,11 +113,16 @@ class Ingress:
         if isinstance(decoded, list) and decoded and isinstance(decoded[0], list) and len(decoded[0]) == 1:
             body = decoded[0][0]  # a Celery task message (protocol 2): args, kwargs, embed
         task = str(headers.get("task") or (message.delivery_info or {}).get("routing_key") or "?")
-        deaths = headers.get("x-death") or [{}]
-        error = (f"RabbitMQ dead-lettered the message from {deaths[0].get('queue')!r} "
-                 f"({deaths[0].get('reason')}): returned more often than its delivery limit")
+        death = (headers.get("x-death") or [{}])[0]
         delivery_id = str(headers.get("id") or f"dead:{_properties(message).get('message_id') or uuid.uuid4()}")
-        _store(delivery_id, task, body, {**headers, "contentType": message.content_type}, "delivery-limit", error)
+        if death.get("reason") == "rejected" and dead_letters.get_by_delivery(delivery_id) is not None:
+            # Celery rejects what it cannot hand to a task (unknown task, undecodable, invalid), and the
+            # queue dead-letters it here; worker/consumer.py kept it already, with its reason.
+            return message.ack()
+        reason = "delivery-limit" if death.get("reason") == "delivery_limit" else "broker-dead-lettered"
+        error = (f"RabbitMQ dead-lettered the message from {death.get('queue')!r} ({death.get('reason')})"
+                 + (": returned more often than its delivery limit" if reason == "delivery-limit" else ""))
+        _store(delivery_id, task, body, {**headers, "contentType": message.content_type}, reason, error)
         message.ack()
 
 

@@ -9,6 +9,7 @@ neither /var/lib/rabbitmq nor another node on the machine. Run as root, it runs 
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import secrets
@@ -33,7 +34,18 @@ loopback_users.guest = true
 consumer_timeout = 1800000
 log.console = false
 log.file.level = warning
+definitions.import_backend = local_filesystem
+definitions.local.path = {definitions}
 """
+# The default vhost, and `isolated` for a test that needs a broker of its own beside the shared one
+# (as Redis database numbers do on Redis).
+VHOSTS = ("/", "isolated")
+DEFINITIONS = {
+    "users": [{"name": "guest", "password": "guest", "tags": ["administrator"]}],
+    "vhosts": [{"name": name} for name in VHOSTS],
+    "permissions": [{"user": "guest", "vhost": name, "configure": ".*", "write": ".*", "read": ".*"}
+                    for name in VHOSTS],
+}
 
 
 def installed() -> bool:
@@ -73,7 +85,8 @@ class RabbitNode:
     def _prepare(self) -> None:
         for folder in (self.root, self.root / "mnesia", self.root / "log"):
             folder.mkdir(parents=True, exist_ok=True)
-        (self.root / "rabbitmq.conf").write_text(CONFIG.format(port=self.port))
+        (self.root / "definitions.json").write_text(json.dumps(DEFINITIONS))
+        (self.root / "rabbitmq.conf").write_text(CONFIG.format(port=self.port, definitions=self.root / "definitions.json"))
         (self.root / "enabled_plugins").write_text("[].\n")
         (self.root / "rabbitmq-env.conf").write_text("")
         cookie = self.root / ".erlang.cookie"
