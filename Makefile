@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench migrate clean
+.PHONY: run test test-rabbitmq bench migrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The end-to-end and fault suites on a throwaway RabbitMQ node (installed with apt-get when missing).
+test-rabbitmq: $(STAMP)
+	$(BIN)/python -m worker.rabbitmq_node test tests/end_to_end tests/faults
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -119,6 +119,11 @@ class Ingress:
             # Celery rejects what it cannot hand to a task (unknown task, undecodable, invalid), and the
             # queue dead-letters it here; worker/consumer.py kept it already, with its reason.
             return message.ack()
+        if death.get("reason") == "expired":
+            # A task sent with `expires` (beat's scans) carries it as the message's TTL on RabbitMQ;
+            # Celery discards an expired task too, and the next scan supersedes it.
+            log.info("dropped %s %s: it expired before a worker took it", task, delivery_id)
+            return message.ack()
         reason = "delivery-limit" if death.get("reason") == "delivery_limit" else "broker-dead-lettered"
         error = (f"RabbitMQ dead-lettered the message from {death.get('queue')!r} ({death.get('reason')})"
                  + (": returned more often than its delivery limit" if reason == "delivery-limit" else ""))

@@ -5,6 +5,7 @@ neither /var/lib/rabbitmq nor another node on the machine. Run as root, it runs 
 
     python -m worker.rabbitmq_node start DIR   # prints the amqp:// URL once the node answers
     python -m worker.rabbitmq_node stop DIR
+    python -m worker.rabbitmq_node test [PYTEST ARGS]   # make test-rabbitmq
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 DIAGNOSTICS = Path("/usr/lib/rabbitmq/bin/rabbitmq-diagnostics")
 INSTALL_HINT = "RabbitMQ is not installed: `apt-get install -y rabbitmq-server` (Debian/Ubuntu, as root)"
 # The broker settings that matter for the worker (README, "Brokers"). consumer_timeout: a delivery
-# left unacknowledged this long closes its channel; the worker holds a message while it runs (a
-# 10,000-entry import takes seconds) and while a retry's countdown runs (TASK_RETRY_BACKOFF_MAX,
-# 600 s at most), so RabbitMQ's default of 30 minutes is kept and written down here.
+# left unacknowledged this long closes its channel and hands the message back. The worker holds a
+# message only while it runs (a 10,000-entry import takes seconds); retry countdowns wait in the
+# broker (native delayed delivery, worker/brokers.py), so RabbitMQ's default of 30 minutes is kept,
+# written down here.
 CONFIG = """\
 listeners.tcp.default = {port}
 loopback_users.guest = true
@@ -159,14 +161,61 @@ class RabbitNode:
             pass
 
 
+def install() -> None:
+    """Install Debian's rabbitmq-server when missing (root and apt-get needed); RuntimeError with
+    what to do when that cannot be done here."""
+    if installed():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise RuntimeError(INSTALL_HINT + "; this machine " +
+                           ("has no apt-get" if shutil.which("apt-get") is None else "needs root for it"))
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "rabbitmq-server"]
+    if subprocess.run(command, env=env).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=False)
+        if subprocess.run(command, env=env).returncode != 0:
+            raise RuntimeError("apt-get could not install rabbitmq-server (see its output above)")
+    if not installed():
+        raise RuntimeError(f"rabbitmq-server installed, but {SERVER} or erl is missing")
+
+
+def run_tests(pytest_args: list[str]) -> int:
+    """`make test-rabbitmq`: install when missing, start a throwaway node, run pytest against it
+    (BROKER_URL=amqp://…), stop the node; pytest's exit status."""
+    try:
+        install()
+    except RuntimeError as exc:
+        sys.stderr.write(f"make test-rabbitmq: {exc}\n")
+        return 1
+    import tempfile
+
+    node = RabbitNode(Path(tempfile.mkdtemp(prefix="invoice-rabbitmq-")))
+    started = time.monotonic()
+    try:
+        url = node.start()
+        print(f"RabbitMQ node {node.name} answering at {url} after {time.monotonic() - started:.1f} s", flush=True)
+        env = {**os.environ, "BROKER_URL": url}
+        return subprocess.run([sys.executable, "-m", "pytest", *pytest_args], env=env).returncode
+    except RuntimeError as exc:
+        sys.stderr.write(f"make test-rabbitmq: {exc}\n")
+        return 1
+    finally:
+        node.stop()
+        shutil.rmtree(node.root, ignore_errors=True)
+
+
 def _main(argv: list[str]) -> int:
+    if argv[:1] == ["test"]:
+        return run_tests(argv[1:])
     if len(argv) != 2 or argv[0] not in ("start", "stop"):
-        sys.stderr.write("usage: python -m worker.rabbitmq_node start|stop DIR\n")
+        sys.stderr.write("usage: python -m worker.rabbitmq_node start|stop DIR | test [PYTEST ARGS]\n")
         return 2
     root = Path(argv[1])
     if argv[0] == "start":
-        if not installed():
-            sys.stderr.write(INSTALL_HINT + "\n")
+        try:
+            install()
+        except RuntimeError as exc:
+            sys.stderr.write(f"{exc}\n")
             return 1
         node = RabbitNode(root)
         node.start()

@@ -275,7 +275,10 @@ def reliability() -> Iterator[list[ReliabilityRow]]:
     """Scenarios append their row; RELIABILITY.md is written when the session's scenarios are done."""
     yield _rows
     if _rows:
-        write_reliability(ROOT / "RELIABILITY.md", _rows)
+        from worker.brokers import is_amqp
+
+        write_reliability(ROOT / "RELIABILITY.md", _rows,
+                          "RabbitMQ 3.10 (quorum queues)" if is_amqp(os.environ.get("BROKER_URL")) else "Redis (Valkey)")
 
 
 def kill_pool_process(worker_pid: int, choose=None) -> int | None:
