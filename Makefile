@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-rabbitmq bench migrate clean
+.PHONY: run test test-rabbitmq bench bench-brokers migrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test-rabbitmq: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# End to end and latency on the embedded Valkey and on a throwaway RabbitMQ node, side by side.
+bench-brokers: $(STAMP)
+	$(BIN)/python -m bench.brokers
 
 migrate: $(STAMP)
 	$(BIN)/invoice-worker migrate
