@@ -328,13 +328,15 @@ def order_body(tenant: str = "acme", **overrides: Any) -> dict[str, Any]:
 class EventCollector:
     """A plain kombu consumer on its own queue bound to invoices.events (no project code)."""
 
-    def __init__(self, broker_url: str, routing_key: str = "#", queue_name: str | None = None) -> None:
+    def __init__(self, broker_url: str, routing_key: str = "#", queue_name: str | None = None,
+                 durable: bool = False) -> None:
         from kombu import Connection, Exchange, Queue
 
         self.conn = Connection(broker_url)
         self.exchange = Exchange("invoices.events", type="topic", durable=True)
+        # durable: kept across a broker restart (RabbitMQ drops a non-durable queue then; Redis keeps it)
         self.queue = Queue(queue_name or f"test-events-{uuid.uuid4().hex[:8]}", self.exchange, routing_key=routing_key,
-                           durable=False)
+                           durable=durable)
         self.queue(self.conn.default_channel).declare()
         self.events: list[dict[str, Any]] = []
 
