@@ -124,3 +124,38 @@ def test_what_is_not_a_task_message_is_dead_lettered_whole(plain):
     assert unknown in bodies and [1, 2, 3] in bodies
     raw = [base64.b64decode(b["base64"]) for b in bodies if isinstance(b, dict) and b.get("encoding") == "bytes"]
     assert sorted(raw) == [b'{"messageId": "x"}', b"{not json"]  # kept as received, byte for byte
+
+
+def test_a_message_returned_beyond_the_delivery_limit_is_kept_in_the_dead_letter_store(running, processes, broker):
+    """RabbitMQ's own limit (MAX_DELIVERIES + 10 returns) dead-letters into invoices.dead, and the
+    worker stores the message whole (`delivery-limit`). Here a plain consumer returns it each time,
+    in a vhost of its own, where the worker consumes only the maintenance queue."""
+    from tests.conftest import isolated_broker_url, publisher_app
+    from worker.brokers import DELIVERY_LIMIT_MARGIN
+    from worker.config import settings
+
+    url = isolated_broker_url(broker)
+    processes.worker(name="dead-letters@localhost", queues="invoices.maintenance", extra_env={"BROKER_URL": url})
+    body = {"messageId": f"lim-{uuid.uuid4()}", "tenantId": "t-plain", "invoiceNumber": "INV-1"}
+    publisher_app(url).send_task("invoices.issue", args=[body], queue="invoices.commands")
+    conn = plain_connection(url)
+    try:
+        channel = conn.channel()
+        limit = settings().max_deliveries + DELIVERY_LIMIT_MARGIN
+        returns = 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            message = channel.basic_get("invoices.commands")
+            if message is None:
+                if returns > limit:
+                    break
+                time.sleep(0.05)
+                continue
+            assert message.headers.get("x-delivery-count", 0) == returns
+            channel.basic_reject(message.delivery_tag, requeue=True)
+            returns += 1
+        assert returns == limit + 1  # delivered limit + 1 times, then gone from the queue
+    finally:
+        conn.close()
+    (letter,) = wait_for(lambda: dead_letters_of(body["messageId"]), 20, what="the broker's dead letter to be stored")
+    assert letter["reason"] == "delivery-limit" and letter["body"] == body and letter["taskName"] == "invoices.issue"
