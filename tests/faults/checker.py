@@ -262,4 +262,4 @@ def write_reliability(path: Path, rows: list[ReliabilityRow], broker: str = "Red
                      f"{r.events_missing} | {recovery} |")
     sections[broker] = "\n".join(table)
     order = sorted(sections, key=lambda name: (not name.startswith("Redis"), name))
-    path.write_text("\n".join(lines) + "\n\n".join(sections[name] for name in order) + "\n")
+    path.write_text("\n".join(lines) + "\n" + "\n\n".join(sections[name] for name in order) + "\n")
