@@ -18,7 +18,13 @@ from bench.harness import ROOT, Environment
 MARKER = "## Brokers side by side"
 
 
-def measure(label: str, n_pay: int, n_inv: int, seconds: float, concurrency: int) -> list[str]:
+def measure(label: str, n_pay: int, n_inv: int, seconds: float, concurrency: int, database: str | None) -> list[str]:
+    # Environment() writes the URLs it made into os.environ; each broker gets the given database
+    # server, or an embedded one of its own.
+    if database is None:
+        os.environ.pop("DATABASE_URL", None)
+    else:
+        os.environ["DATABASE_URL"] = database
     env = Environment()
     try:
         server = env.broker_version()
@@ -47,12 +53,13 @@ def main() -> int:
     concurrency = settings().worker_concurrency
     began = time.monotonic()
     saved = os.environ.pop("BROKER_URL", None)
-    rows = [measure("Redis (embedded Valkey)", n_pay, n_inv, seconds, concurrency)]
+    database = os.environ.get("DATABASE_URL")
+    rows = [measure("Redis (embedded Valkey)", n_pay, n_inv, seconds, concurrency, database)]
     install()
     node = RabbitNode(Path(tempfile.mkdtemp(prefix="bench-rabbitmq-")))
     try:
         os.environ["BROKER_URL"] = node.start()
-        rows.append(measure("RabbitMQ", n_pay, n_inv, seconds, concurrency))
+        rows.append(measure("RabbitMQ", n_pay, n_inv, seconds, concurrency, database))
     finally:
         node.stop()
         if saved is None:
