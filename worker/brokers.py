@@ -80,5 +80,14 @@ def broker_settings(names: list[str] | tuple[str, ...], broker_url: str | None, 
 def configure(app: Any, names: list[str] | tuple[str, ...], broker_url: str, max_deliveries: int) -> None:
     """Point an existing app at another broker (tests, `publish` finding the embedded one)."""
     app.conf.update(broker_settings(names, broker_url, max_deliveries))
-    if "queues" in app.amqp.__dict__:  # computed and cached on first use
-        app.amqp.queues = app.conf.task_queues
+    # Celery computes the queues, the router and the task sender once, on first use, each holding
+    # the queue declarations of the previous broker: computed again on next use.
+    for cached in ("queues", "default_queue", "router", "send_task_message"):
+        app.amqp.__dict__.pop(cached, None)
+    app.amqp._rtable = None
+    # Connections pooled for the previous broker would still be used (by control.ping, send_task):
+    # drop them as Celery itself does after a fork (Celery._after_fork).
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
