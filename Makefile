@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench migrate clean
+.PHONY: run test test-rabbitmq bench bench-brokers migrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The end-to-end and fault suites on a throwaway RabbitMQ node (installed with apt-get when missing).
+test-rabbitmq: $(STAMP)
+	$(BIN)/python -m worker.rabbitmq_node test tests/end_to_end tests/faults $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# End to end and latency on the embedded Valkey and on a throwaway RabbitMQ node, side by side.
+bench-brokers: $(STAMP)
+	$(BIN)/python -m bench.brokers
 
 migrate: $(STAMP)
 	$(BIN)/invoice-worker migrate

@@ -22,8 +22,7 @@ def versions(env: Environment) -> str:
     import sqlalchemy
 
     pg = env.sql("SHOW server_version")[0][0]
-    broker = env.redis.info("server")
-    server = f"{'Valkey' if 'valkey_version' in broker else 'Redis'} {broker.get('valkey_version') or broker.get('redis_version')}"
+    server = env.broker_version()
     return (f"Python {platform.python_version()}, PostgreSQL {pg}, {server}, Celery {celery.__version__}, "
             f"SQLAlchemy {sqlalchemy.__version__}")
 
@@ -144,7 +143,16 @@ def write(rows: list[tuple[str, str, str]], load: list[tuple[str, str, str]], wh
             "py-spy is not installed (pip install '.[bench]').", "",
             *(["| stop | share | note |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in load] if load else []),
             "", "## One record_payment in detail (in-process, pyinstrument)", "", "```", where, "```", ""]
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(text))
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(text) + kept_brokers_section())
+
+
+def kept_brokers_section() -> str:
+    """`python -m bench.brokers` writes its section at the end of BENCHMARKS.md; a full run keeps it."""
+    from bench.brokers import MARKER
+
+    path = ROOT / "BENCHMARKS.md"
+    old = path.read_text() if path.exists() else ""
+    return old[old.index(MARKER):] if MARKER in old else ""
 
 
 if __name__ == "__main__":

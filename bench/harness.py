@@ -43,20 +43,67 @@ class Environment:
             conn.execute(f'CREATE DATABASE "{self.name}"')
         self.database_url = base.set(database=self.name).render_as_string(hide_password=False)
         self.libpq = make_url(self.database_url).set(drivername="postgresql").render_as_string(hide_password=False)
-        self.broker_url = broker.rsplit("/", 1)[0] + "/5"  # a broker database of its own
+        from worker.brokers import is_amqp
+
+        self.amqp = is_amqp(broker)
+        # Redis: a database of its own; RabbitMQ: the given vhost, its queues purged below.
+        self.broker_url = broker if self.amqp else broker.rsplit("/", 1)[0] + "/5"
         # Metrics off unless a part turns them on (bench.metrics_cost): parts stay comparable with earlier runs.
         os.environ.update({"DATABASE_URL": self.database_url, "BROKER_URL": self.broker_url, "METRICS_PORT": "0"})
-        from worker import db
-        from worker.celery_app import app
+        from worker import brokers, db
+        from worker.celery_app import QUEUES as NAMES, app
         from worker.config import settings
         from worker.migrate import upgrade
 
         settings.cache_clear()
         db.reset()
-        app.conf.broker_url = self.broker_url
+        brokers.configure(app, tuple(NAMES), self.broker_url, settings().max_deliveries)
         upgrade(self.database_url)
-        self.redis = redis.Redis.from_url(self.broker_url)
-        self.redis.flushdb()
+        if self.amqp:
+            self.redis = None
+            self._purge()
+        else:
+            self.redis = redis.Redis.from_url(self.broker_url)
+            self.redis.flushdb()
+
+    def broker_version(self) -> str:
+        if self.amqp:
+            from kombu import Connection
+
+            with Connection(self.broker_url) as conn:
+                props = conn.connection.server_properties
+                return f"RabbitMQ {props.get('version')} (quorum queues)"
+        info = self.redis.info("server")
+        return f"{'Valkey' if 'valkey_version' in info else 'Redis'} {info.get('valkey_version') or info.get('redis_version')}"
+
+    def _depths(self) -> int:
+        from kombu import Connection
+
+        total = 0
+        with Connection(self.broker_url) as conn:
+            for name in QUEUES.split(","):
+                channel = conn.channel()
+                try:
+                    total += channel.queue_declare(name, passive=True).message_count
+                except conn.channel_errors:
+                    pass  # not declared yet
+                finally:
+                    try:
+                        channel.close()
+                    except Exception:
+                        pass
+        return total
+
+    def _purge(self) -> None:
+        from kombu import Connection
+
+        with Connection(self.broker_url) as conn:
+            for name in QUEUES.split(","):
+                channel = conn.channel()
+                try:
+                    channel.queue_purge(name)
+                except conn.channel_errors:
+                    pass
 
     def sql(self, query: str, params: tuple = ()) -> list[tuple]:
         with psycopg.connect(self.libpq, autocommit=True) as conn:
@@ -64,6 +111,16 @@ class Environment:
             return cursor.fetchall() if cursor.description else []
 
     def queue_drained(self) -> bool:
+        if self.amqp:
+            # RabbitMQ counts delivered-but-unacknowledged messages only in its management API:
+            # ask the workers instead whether they still hold any.
+            if self._depths():
+                return False
+            from worker.celery_app import app
+
+            inspect = app.control.inspect(timeout=0.5)
+            held = [*(inspect.active() or {}).values(), *(inspect.reserved() or {}).values()]
+            return not any(held)
         lengths = sum(self.redis.llen(q) for q in QUEUES.split(","))
         return lengths == 0 and self.redis.hlen("unacked") == 0
 

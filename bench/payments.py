@@ -158,8 +158,9 @@ def duplicates(env: Environment, bodies: list[dict[str, Any]], concurrency: int)
 
 def latency(env: Environment, numbers: list[str], rate: int, seconds: float, concurrency: int) -> dict[str, float]:
     """At a steady rate: publish time to the arrival of its payment.recorded event in a queue bound
-    to invoices.events (declared with kombu; read with BRPOP directly, since kombu's synchronous
-    consumer in this process would itself become the bottleneck)."""
+    to invoices.events (declared with kombu; read with BRPOP directly on Redis and with a plain py-amqp
+    consumer on RabbitMQ, since kombu's synchronous consumer in this process would itself become the
+    bottleneck)."""
     import base64
     import json
 
@@ -176,9 +177,30 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
     sent: dict[str, float] = {}
     received: dict[str, float] = {}
     stop = threading.Event()
-    reader = redis.Redis.from_url(env.broker_url)
+    reader = None if env.amqp else redis.Redis.from_url(env.broker_url)
+
+    def consume_amqp() -> None:
+        # RabbitMQ pushes: one plain py-amqp consumer on a connection of its own.
+        import socket
+
+        import amqp
+        from urllib.parse import unquote, urlparse
+
+        url = urlparse(env.broker_url)
+        with amqp.Connection(f"{url.hostname}:{url.port}", userid=url.username, password=url.password,
+                             virtual_host=unquote(url.path[1:]) or "/") as conn:
+            channel = conn.channel()
+            channel.basic_consume(name, no_ack=True, callback=lambda m: received.__setitem__(
+                json.loads(m.body)["causationId"], time.monotonic()))
+            while not stop.is_set():
+                try:
+                    conn.drain_events(timeout=1)
+                except socket.timeout:
+                    pass
 
     def consume() -> None:
+        if env.amqp:
+            return consume_amqp()
         while not stop.is_set():
             item = reader.brpop([name], timeout=1)
             if item is None:
@@ -218,7 +240,11 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
     finally:
         stop.set()
         consumer.join(5)
-        reader.delete(name)
+        if reader is not None:
+            reader.delete(name)
+        else:
+            with Connection(env.broker_url) as conn:
+                conn.default_channel.queue_delete(name)
         try:  # what the worker could not keep up with is finished before the next part
             wait(env.queue_drained, 180)
         finally:

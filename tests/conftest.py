@@ -104,10 +104,10 @@ def _reload_settings() -> None:
 
     settings.cache_clear()
     db.reset()
-    from worker.redis_transport import transport_for
+    from worker import brokers
+    from worker.celery_app import QUEUES
 
-    app.conf.broker_url = os.environ["BROKER_URL"]
-    app.conf.broker_transport = transport_for(app.conf.broker_url)
+    brokers.configure(app, tuple(QUEUES), os.environ["BROKER_URL"], settings().max_deliveries)
 
 
 @pytest.fixture
@@ -242,6 +242,33 @@ def running(_shared_processes: Processes, database: str, broker: str) -> Process
     return _shared_processes
 
 
+def isolated_broker_url(broker_url: str) -> str:
+    """A broker of its own on the same server, for a worker that must not share the session's
+    queues: Redis database 7, or the vhost `isolated` (made by worker/rabbitmq_node.py)."""
+    from worker.brokers import is_amqp
+
+    if is_amqp(broker_url):
+        scheme, rest = broker_url.split("://", 1)
+        return f"{scheme}://{rest.split('/', 1)[0]}/isolated"
+    return broker_url.rsplit("/", 1)[0] + "/7"
+
+
+def publisher_app(broker_url: str) -> Any:
+    """A Celery app of an upstream service: JSON, and the worker's queue declarations for this
+    broker (RabbitMQ refuses a queue declared with other arguments than the worker's)."""
+    from celery import Celery
+
+    from worker import brokers
+    from worker.celery_app import QUEUES
+    from worker.config import settings
+
+    app = Celery("publisher")
+    app.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True,
+                    broker_transport_options={"confirm_publish": True},
+                    **brokers.broker_settings(tuple(QUEUES), broker_url, settings().max_deliveries))
+    return app
+
+
 def send(task: str, body: Any) -> str:
     """Publish a task as any upstream service would; returns the body's messageId."""
     from worker.celery_app import app, queue_for
@@ -303,13 +330,15 @@ def order_body(tenant: str = "acme", **overrides: Any) -> dict[str, Any]:
 class EventCollector:
     """A plain kombu consumer on its own queue bound to invoices.events (no project code)."""
 
-    def __init__(self, broker_url: str, routing_key: str = "#", queue_name: str | None = None) -> None:
+    def __init__(self, broker_url: str, routing_key: str = "#", queue_name: str | None = None,
+                 durable: bool = False) -> None:
         from kombu import Connection, Exchange, Queue
 
         self.conn = Connection(broker_url)
         self.exchange = Exchange("invoices.events", type="topic", durable=True)
+        # durable: kept across a broker restart (RabbitMQ drops a non-durable queue then; Redis keeps it)
         self.queue = Queue(queue_name or f"test-events-{uuid.uuid4().hex[:8]}", self.exchange, routing_key=routing_key,
-                           durable=False)
+                           durable=durable)
         self.queue(self.conn.default_channel).declare()
         self.events: list[dict[str, Any]] = []
 

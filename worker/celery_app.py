@@ -8,10 +8,8 @@ import logging
 import sys
 
 from celery import Celery, signals
-from kombu import Exchange, Queue
-
+from worker import brokers
 from worker.config import ConfigurationError, settings
-from worker.redis_transport import transport_for
 
 QUEUES = {
     "invoices.orders": ("invoices.order_shipped",),
@@ -48,9 +46,8 @@ def make_app() -> Celery:
     app = Celery("worker")
     url = _broker_url()
     app.conf.update(
-        broker_url=url,
-        # Redis: kombu's transport, handing back at once what a broker restart left unacknowledged.
-        broker_transport=transport_for(url),
+        # The transport and the queues' exchanges and arguments depend on the broker (worker/brokers.py).
+        **brokers.broker_settings(tuple(QUEUES), url, config.max_deliveries),
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -70,8 +67,6 @@ def make_app() -> Celery:
         # Tasks can be long (bulk imports): one message at a time per pool process.
         worker_prefetch_multiplier=config.worker_prefetch_multiplier,
         worker_concurrency=config.worker_concurrency,
-        task_queues=[Queue(name, Exchange(name, type="direct", durable=True), routing_key=name, durable=True)
-                     for name in QUEUES],
         task_routes={task: {"queue": queue, "routing_key": queue} for task, queue in ROUTES.items()},
         task_default_queue="invoices.maintenance",
         task_create_missing_queues=False,
@@ -110,6 +105,8 @@ def make_app() -> Celery:
             },
         },
     )
+    # RabbitMQ only: plain JSON from any AMQP client, and what the broker dead-lettered (worker/ingress.py).
+    app.steps["consumer"].add("worker.ingress:IngressStep")
     return app
 
 
@@ -153,7 +150,6 @@ def publishing_app() -> Celery:
 
     url = broker_url()
     if app.conf.broker_url != url:
-        app.conf.broker_url = url
-        app.conf.broker_transport = transport_for(url)
+        brokers.configure(app, tuple(QUEUES), url, settings().max_deliveries)
     return app
 

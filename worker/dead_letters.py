@@ -118,6 +118,11 @@ def get(dead_letter_id: int) -> DeadLetter | None:
         return session.get(DeadLetter, dead_letter_id)
 
 
+def get_by_delivery(delivery_id: str) -> DeadLetter | None:
+    with db.sessions()() as session:
+        return session.scalars(select(DeadLetter).where(DeadLetter.delivery_id == delivery_id)).first()
+
+
 def set_status(dead_letter_id: int, status: str) -> None:
     with db.sessions().begin() as session:
         row = session.get(DeadLetter, dead_letter_id, with_for_update=True)

@@ -103,7 +103,7 @@ class InvoiceTask(Task):
             return work()
         except InvoiceNotYetKnown as exc:
             # Out of order across queues: bounded by time (INVOICE_WAIT_SECONDS), not by TASK_MAX_RETRIES.
-            countdown = min(backoff(self.request.retries), exc.wait_left + 0.5)
+            countdown = max(1.0, min(backoff(self.request.retries), exc.wait_left + 0.5))
             raise self.retry(exc=exc, countdown=countdown, max_retries=self.request.retries + 1) from None
         except TRANSIENT as exc:
             raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from None
@@ -114,6 +114,8 @@ class InvoiceTask(Task):
 
 
 def backoff(retries: int) -> float:
-    """Equal jitter: half of min(cap, 2^retries) seconds fixed, the other half random."""
+    """Equal jitter: half of min(cap, 2^retries) seconds fixed, the other half random; at least one
+    second, because RabbitMQ's native delayed delivery counts whole seconds and refuses less than
+    one (Celery would raise ValueError on a countdown of 0.7)."""
     ceiling = min(settings().task_retry_backoff_max, 2 ** retries)
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+    return max(1.0, ceiling / 2 + random.uniform(0, ceiling / 2))

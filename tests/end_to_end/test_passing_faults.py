@@ -9,10 +9,9 @@ import threading
 import uuid
 
 import pytest
-from celery import Celery
 from sqlalchemy.engine import make_url
 
-from tests.conftest import invoice_json, new_tenant, wait_for, wait_outcome
+from tests.conftest import invoice_json, isolated_broker_url, new_tenant, publisher_app, wait_for, wait_outcome
 from tests.end_to_end.test_delivery import issued_invoice, payment
 
 
@@ -99,13 +98,12 @@ def test_database_away_then_back_the_message_is_retried_and_applied_once(running
     tenant = new_tenant("t-fault")
     invoice = issued_invoice(tenant)
     # A broker database of its own, so that only the worker behind the proxy takes the message.
-    broker = os.environ["BROKER_URL"].rsplit("/", 1)[0] + "/7"
+    broker = isolated_broker_url(os.environ["BROKER_URL"])
     env = {"DATABASE_URL": proxy.url, "BROKER_URL": broker, "TASK_MAX_RETRIES": "12", "TASK_RETRY_BACKOFF_MAX": "2"}
     first = processes.worker(name="behind-proxy@localhost", queues="invoices.payments", extra_env=env)
     proxy.down()
     body = payment(tenant, invoice["invoiceNumber"], "15.00")
-    publisher = Celery(broker=broker)
-    publisher.conf.update(task_serializer="json", accept_content=["json"])
+    publisher = publisher_app(broker)
     publisher.send_task("invoices.record_payment", args=[body], queue="invoices.payments")
     wait_for(lambda: first.log.read_text().count("Retry in") >= 2, 30, what="retries while the database is away")
     # The worker restarts while the message waits for its next try: nothing is lost.

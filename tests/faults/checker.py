@@ -235,20 +235,34 @@ class ReliabilityRow:
     recovery_seconds: float | None
 
 
-def write_reliability(path: Path, rows: list[ReliabilityRow]) -> None:
+def write_reliability(path: Path, rows: list[ReliabilityRow], broker: str = "Redis (Valkey)") -> None:
+    """Rewrite this broker's section of RELIABILITY.md; the other broker's section is kept."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Reliability",
         "",
-        f"Written by the fault suite (`tests/faults/`, part of `make test`) on {when}. Each row is one",
-        "scenario run against real processes and servers, the faults injected from outside; the",
-        "figures are what the shared checker (`tests/faults/checker.py`) found afterwards.",
+        "Written by the fault suite (`tests/faults/`, part of `make test` on Redis and of",
+        "`make test-rabbitmq` on RabbitMQ). Each row is one scenario run against real processes and",
+        "servers, the faults injected from outside; the figures are what the shared checker",
+        "(`tests/faults/checker.py`) found afterwards.",
+        "",
+    ]
+    sections = {}
+    if path.exists():
+        for chunk in path.read_text().split("\n## ")[1:]:
+            sections[chunk.split("\n", 1)[0]] = "## " + chunk.rstrip("\n")
+    table = [
+        f"## {broker}",
+        "",
+        f"Run on {when}.",
         "",
         "| scenario | messages sent (copies) | faults injected | lost | applied twice | events missing | fault cleared → all applied |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r.scenario):
         recovery = f"{r.recovery_seconds:.1f} s" if r.recovery_seconds is not None else "n/a"
-        lines.append(f"| {r.scenario} | {r.sent} ({r.copies}) | {r.faults} | {r.lost} | {r.applied_twice} | "
+        table.append(f"| {r.scenario} | {r.sent} ({r.copies}) | {r.faults} | {r.lost} | {r.applied_twice} | "
                      f"{r.events_missing} | {recovery} |")
-    path.write_text("\n".join(lines) + "\n")
+    sections[broker] = "\n".join(table)
+    order = sorted(sections, key=lambda name: (not name.startswith("Redis"), name))
+    path.write_text("\n".join(lines) + "\n" + "\n\n".join(sections[name] for name in order) + "\n")

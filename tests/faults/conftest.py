@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.conftest import ROOT, TEST_ENV, Processes
+from tests.conftest import ROOT, TEST_ENV, Processes, publisher_app
 from tests.faults.checker import ReliabilityRow, write_reliability
 
 
@@ -43,6 +43,10 @@ class FaultBroker:
                                               appendonly="yes", appendfsync="always", save="")
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
+    def url_via(self, port: int) -> str:
+        """The broker's URL through a proxy on `port`."""
+        return f"redis://127.0.0.1:{port}/0"
+
     def start(self) -> None:
         self.server.start()
 
@@ -54,6 +58,55 @@ class FaultBroker:
         import redis
 
         redis.Redis(port=self.port).flushall()
+
+
+class FaultRabbit:
+    """A RabbitMQ node of the suite's own (worker/rabbitmq_node.py), on a fixed port, which the
+    test can SIGKILL and start again on the same port with the same data. Quorum queues write
+    each message to their log before the publisher's confirm, so a kill loses nothing confirmed."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from worker.rabbitmq_node import RabbitNode
+
+        self.node = RabbitNode(data_dir)
+        self.port = self.node.port
+        self.url = self.node.url
+        self.server = self.node
+
+    def start(self) -> None:
+        self.node.start()
+
+    def kill(self) -> None:
+        self.node.kill()
+
+    def url_via(self, port: int) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{port}//"
+
+    def flush(self) -> None:
+        """Empty the worker's queues and Celery's delayed-delivery levels (a retry of the previous
+        scenario must not arrive in the next one)."""
+        import amqp
+
+        from worker.celery_app import QUEUES
+
+        names = [*QUEUES, "invoices.ingress", "invoices.dead", *(f"celery_delayed_{i}" for i in range(28))]
+        with amqp.Connection(f"127.0.0.1:{self.port}", userid="guest", password="guest") as conn:
+            for name in names:
+                channel = conn.channel()
+                try:
+                    channel.queue_purge(name)
+                    channel.close()
+                except amqp.exceptions.NotFound:
+                    pass  # not declared yet; the channel is closed by the broker
+
+
+def fault_broker(data_dir: Path) -> "FaultBroker | FaultRabbit":
+    """The suite's broker of the kind the session runs on (BROKER_URL's scheme; Valkey by default)."""
+    from worker.brokers import is_amqp
+
+    if is_amqp(os.environ.get("BROKER_URL")):
+        return FaultRabbit(data_dir)
+    return FaultBroker(data_dir)
 
 
 class FaultDatabase:
@@ -168,7 +221,7 @@ class FaultEnvironment:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.database_server = FaultDatabase(root)
-        self.broker = FaultBroker(root / "valkey")
+        self.broker = fault_broker(root / "broker")
         self.broker.start()
 
     def close(self) -> None:
@@ -201,14 +254,7 @@ class Scenario:
 
     def publisher(self):
         """A Celery app of the scenario's broker, as an upstream service would hold one."""
-        from celery import Celery
-
-        from worker.redis_transport import transport_for
-
-        app = Celery("publisher", broker=self.broker_url)
-        app.conf.update(task_serializer="json", accept_content=["json"], broker_transport=transport_for(self.broker_url),
-                        broker_connection_retry_on_startup=True)
-        return app
+        return publisher_app(self.broker_url)
 
 
 @pytest.fixture
@@ -228,7 +274,10 @@ def reliability() -> Iterator[list[ReliabilityRow]]:
     """Scenarios append their row; RELIABILITY.md is written when the session's scenarios are done."""
     yield _rows
     if _rows:
-        write_reliability(ROOT / "RELIABILITY.md", _rows)
+        from worker.brokers import is_amqp
+
+        write_reliability(ROOT / "RELIABILITY.md", _rows,
+                          "RabbitMQ 3.10 (quorum queues)" if is_amqp(os.environ.get("BROKER_URL")) else "Redis (Valkey)")
 
 
 def kill_pool_process(worker_pid: int, choose=None) -> int | None:

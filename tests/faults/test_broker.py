@@ -56,7 +56,7 @@ def test_broker_connections_cut_for_ten_seconds(scenario, reliability):
     tap = EventTap(scenario.broker_url)
     proxy = TcpCut(scenario.environment.broker.port)
     proxy.up()
-    behind = {**HOUR, "BROKER_URL": f"redis://127.0.0.1:{proxy.port}/0"}
+    behind = {**HOUR, "BROKER_URL": scenario.environment.broker.url_via(proxy.port)}
     worker = scenario.processes.worker(extra_env=behind)
     scenario.processes.relay(extra_env=HOUR)
     ledger, tenant = Ledger(), "t-broker-cut"
