@@ -73,10 +73,17 @@ def run() -> int:
     database_url, broker_url = config.database_url, config.broker_url
     if database_url is None or broker_url is None:
         servers = EmbeddedServers(config.data_dir)
-        if database_url is None:
-            database_url = servers.start_postgres()
-        if broker_url is None:
-            broker_url = servers.start_broker()
+        # Ctrl-C signals the whole foreground process group. The embedded servers must outlive the
+        # worker's shutdown (it still talks to the broker while it stops: a Valkey gone first left it
+        # retrying for 25 s), so they start with SIGINT ignored, which they inherit; `stop()` ends them.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if database_url is None:
+                database_url = servers.start_postgres()
+            if broker_url is None:
+                broker_url = servers.start_broker()
+        finally:
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
         write_endpoints(database_url, broker_url)
         # Passwords hidden: one of the two URLs may be a configured one.
         announce(f"{'embedded PostgreSQL' if config.database_url is None else 'database'}: {_safe(database_url)}")

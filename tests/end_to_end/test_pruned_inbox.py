@@ -57,7 +57,7 @@ def test_every_task_copy_after_its_inbox_row_was_pruned_applies_once(running):
     applied(sent, "invoices.complete_hosted_payment", body(**address, paymentId=hosted["completed"]))
     applied(sent, "invoices.fail_payment", body(**address, paymentId=hosted["failed"], failureCode="51",
                                                 failureReason="Insufficient funds"))
-    applied(sent, "invoices.payment_callback", callback(a_number, hosted["called-back"], "Approved", "5.00", tenant=T))
+    applied(sent, "invoices.payment_callback", callback(T, a_number, hosted["called-back"], "Approved", "5.00"))
     applied(sent, "invoices.refund_payment", body(**address, paymentId=recorded_id, amount="3.00"))
     assert paid["outcome"] == "applied"
     b = {"invoiceNumber": "B-1"}
