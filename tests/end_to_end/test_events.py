@@ -226,12 +226,14 @@ def test_events_status_and_tail_commands(running):
     from worker.relay import status
 
     tail = subprocess.Popen([sys.executable, "-m", "worker.cli", "events", "tail", "--type", "invoice.created",
-                             "--count", "1"], cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, text=True)
+                             "--count", "1"], cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: True, 0)
-        import time
-
-        time.sleep(2)  # let tail declare its queue before the event is published
+        # tail says so once its queue is bound: the event is published after that, not after a guess
+        # (a 2 s sleep was too short on a loaded machine, on both brokers)
+        for line in tail.stderr:  # log lines may come first; EOF (tail exited) ends the loop
+            if line.startswith("tailing invoices.events"):
+                break
         invoice = issued_invoice("t-tail")
         out, _ = tail.communicate(timeout=30)
     finally:
