@@ -121,6 +121,8 @@ def events_tail(types: tuple[str, ...], count: int) -> None:
             seen += 1
 
         with conn.Consumer(queues, callbacks=[show], accept=["json"]):
+            # on stderr, so that stdout stays one JSON event per line; a script can wait for it
+            click.echo(f"tailing {EVENTS_EXCHANGE.name} ({', '.join(types or ('#',))})", err=True)
             try:
                 while not count or seen < count:
                     try:
