@@ -50,14 +50,12 @@ def test_an_event_too_large_to_send_is_parked_and_the_others_flow(scenario):
 def test_the_retry_scan_goes_past_a_payment_it_cannot_retry(running):
     """Two failed saved-card payments are due; the retry id of the first is already taken (as a
     crafted message could once take it). The second is still retried."""
-    from tests.conftest import new_tenant
-    from tests.end_to_end.test_payments import failed_saved_card_payment
+    from tests.end_to_end.test_payments import TENANT, failed_saved_card_payment
     from worker.scheduler import retry_failed_payments
     from worker.unit_of_work import derived_id
 
-    tenant = new_tenant("t-hostile")
-    (_, first), (_, second) = failed_saved_card_payment(tenant), failed_saved_card_payment(tenant)
-    taken = derived_id("retry", tenant, first)
+    (_, first), (_, second) = failed_saved_card_payment(), failed_saved_card_payment()
+    taken = derived_id("retry", TENANT, first)
     with db.engine().begin() as conn:
         conn.exec_driver_sql(
             "INSERT INTO payments (id, invoice_id, status, amount, currency, attempt, created_at) "
