@@ -399,11 +399,8 @@ class OwnWorker:
     message proves the earlier ones were handled; its log holds only what this test caused."""
 
     def __init__(self, processes: Processes, broker_url: str, extra_env: dict[str, str] | None = None) -> None:
-        from celery import Celery
-
         self.broker_url = broker_url
-        self.publisher = Celery("own-worker-publisher", broker=broker_url)
-        self.publisher.conf.update(task_serializer="json", accept_content=["json"])
+        self.publisher = publisher_app(broker_url)
         self.proc = processes.worker(concurrency=1, name=f"own-{uuid.uuid4().hex[:6]}@localhost",
                                      extra_env={"BROKER_URL": broker_url, **(extra_env or {})})
 
@@ -422,15 +419,39 @@ class OwnWorker:
 
 
 def _flush_broker_database(url: str) -> None:
+    """Empty the own worker's broker: its Redis database, or its vhost's worker queues."""
     from kombu import Connection
 
+    from worker.brokers import is_amqp
+    from worker.celery_app import QUEUES
+
     with Connection(url) as conn:
-        conn.default_channel.client.flushdb()
+        if not is_amqp(url):
+            conn.default_channel.client.flushdb()
+            return
+        for name in QUEUES:
+            channel = conn.channel()  # a channel each: a purge of a queue not declared yet closes its channel
+            try:
+                channel.queue_purge(name)
+            except Exception:  # not declared yet in this vhost: nothing to empty
+                pass
+            finally:
+                try:
+                    channel.close()
+                except Exception:
+                    pass
+
+
+def own_broker_url(broker: str) -> str:
+    """Redis: a database of its own; RabbitMQ: the `isolated` vhost (no test uses both at once)."""
+    from worker.brokers import is_amqp
+
+    return isolated_broker_url(broker) if is_amqp(broker) else f"{broker.rsplit('/', 1)[0]}/{OWN_BROKER_DATABASE}"
 
 
 @pytest.fixture
 def own_worker(processes: Processes, database: str, broker: str) -> Iterator[OwnWorker]:
-    url = f"{broker.rsplit('/', 1)[0]}/{OWN_BROKER_DATABASE}"
+    url = own_broker_url(broker)
     _flush_broker_database(url)
     own = OwnWorker(processes, url)
     try:

@@ -239,15 +239,6 @@ def test_events_wait_in_the_outbox_while_the_broker_is_down(paused_shared_relay,
             pass
 
 
-def tail_queues() -> set[str]:
-    """The queues bound to invoices.events whose names `events tail` gives (kombu keeps Redis bindings in a set)."""
-    from kombu import Connection
-
-    with Connection(os.environ["BROKER_URL"]) as conn:
-        members = conn.default_channel.client.smembers("_kombu.binding.invoices.events")
-    names = {m.decode().split("\x06\x16")[-1] for m in members}
-    return {n for n in names if n.startswith("invoices.events.tail.")}
-
 
 def test_events_status_and_tail_commands(running):
     from worker.relay import status
