@@ -1,6 +1,6 @@
 """`python -m bench.brokers [--quick]`: end to end and latency on both brokers, one after the other
 in one run, each with its own embedded PostgreSQL: the embedded Valkey, then a throwaway RabbitMQ
-node (worker/rabbitmq_node.py, quorum queues). Writes its section at the end of BENCHMARKS.md."""
+node (worker/rabbitmq_node.py). Writes its section at the end of BENCHMARKS.md."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ class Environment:
 
             with Connection(self.broker_url) as conn:
                 props = conn.connection.server_properties
-                return f"RabbitMQ {props.get('version')} (quorum queues)"
+                return f"RabbitMQ {props.get('version')}"
         info = self.redis.info("server")
         return f"{'Valkey' if 'valkey_version' in info else 'Redis'} {info.get('valkey_version') or info.get('redis_version')}"
 

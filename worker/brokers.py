@@ -1,22 +1,16 @@
 """What differs between the two brokers the worker is tested on (README, "Brokers").
 
-Redis keeps kombu's direct exchanges and plain lists, with our transport subclass
-(worker/redis_transport.py). RabbitMQ gets durable quorum queues:
+The contract's queues are the same on both: a durable queue behind a direct exchange of the same
+name, exactly what any Celery client declares for `send_task(queue=name)` (CONTRACT.md section 2).
+Quorum queues for them were tried: RabbitMQ 3.10 then refused every publisher that did not declare
+the worker's queue arguments (PRECONDITION_FAILED), which the contract does not ask of publishers.
+Redis runs through our transport subclass (worker/redis_transport.py).
 
-- `x-delivery-limit`: the broker counts every return of a message (a dead pool process, but also
-  a dropped connection, a restart, a shutdown that hands messages back). The worker dead-letters
-  a poison message `worker-lost` itself at its start MAX_DELIVERIES + 1, counted from the
-  `redelivered` flag in PostgreSQL; the broker's limit is MAX_DELIVERIES + DELIVERY_LIMIT_MARGIN,
-  so that returns which were not the message's fault cannot make the broker act first. A message
-  returned more often than that (a worker that cannot reach PostgreSQL to count, or a consumer
-  that dies at every delivery before it starts the task) is dead-lettered by the broker into
-  `invoices.dead`, at least once, and the worker stores it in the dead-letter store
-  (`delivery-limit`): never dropped.
-- topic exchanges (one per queue, routing key = queue name, as on Redis), because Celery's native
-  delayed delivery only serves non-direct exchanges: a retry's countdown waits in the broker's
-  `celery_delayed_*` queues, not unacknowledged inside the worker. With quorum queues the prefetch
-  count is static (no global QoS), so a countdown held by the worker would take a prefetch slot
-  until it ran, and count against RabbitMQ's consumer_timeout.
+RabbitMQ's own queue for plain JSON, `invoices.ingress`, is a quorum queue with a delivery limit
+(`x-delivery-limit` = MAX_DELIVERIES + DELIVERY_LIMIT_MARGIN, so that returns which were not the
+message's fault cannot make the broker act before the worker's own count): beyond it the broker
+dead-letters into `invoices.dead`, at least once, and the worker stores the message whole
+(`delivery-limit`): never dropped.
 """
 
 from __future__ import annotations
@@ -54,12 +48,12 @@ def task_queues(names: list[str] | tuple[str, ...], broker_url: str | None, max_
     """The worker's queues for this broker. Python publishers that declare queues (Celery does,
     at every send_task) must declare these same ones on RabbitMQ: it refuses a queue declared
     with other arguments (PRECONDITION_FAILED)."""
-    if not is_amqp(broker_url):
-        return [Queue(name, Exchange(name, type="direct", durable=True), routing_key=name, durable=True)
-                for name in names]
-    arguments = quorum_arguments(max_deliveries)
-    return [Queue(name, Exchange(name, type="topic", durable=True), routing_key=name, durable=True,
-                  queue_arguments=arguments) for name in names]
+    # The contract's queues are what any Celery client declares for `send_task(queue=name)`: a
+    # durable classic queue behind a direct exchange of the same name, on both brokers. Quorum
+    # queues (or topic exchanges) here made RabbitMQ 3.10 refuse such a client with
+    # PRECONDITION_FAILED (CONTRACT.md section 2); the worker counts poison messages itself.
+    return [Queue(name, Exchange(name, type="direct", durable=True), routing_key=name, durable=True)
+            for name in names]
 
 
 def dead_queue(max_deliveries: int) -> Queue:

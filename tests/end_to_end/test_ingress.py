@@ -126,26 +126,33 @@ def test_what_is_not_a_task_message_is_dead_lettered_whole(plain):
     assert sorted(raw) == [b'{"messageId": "x"}', b"{not json"]  # kept as received, byte for byte
 
 
-def test_a_message_returned_beyond_the_delivery_limit_is_kept_in_the_dead_letter_store(running, processes, broker):
-    """RabbitMQ's own limit (MAX_DELIVERIES + 10 returns) dead-letters into invoices.dead, and the
-    worker stores the message whole (`delivery-limit`). Here a plain consumer returns it each time,
-    in a vhost of its own, where the worker consumes only the maintenance queue."""
-    from tests.conftest import isolated_broker_url, publisher_app
-    from worker.brokers import DELIVERY_LIMIT_MARGIN
+def test_a_message_returned_beyond_the_delivery_limit_is_kept_in_the_dead_letter_store(processes, database, broker):
+    """RabbitMQ's own limit on the ingress queue (MAX_DELIVERIES + 10 returns) dead-letters into
+    invoices.dead, and the worker stores the message whole (`delivery-limit`). Here a plain
+    consumer returns it each time, in a vhost of its own, before any worker consumes there."""
+    import amqp
+    from kombu import Connection
+
+    from tests.conftest import isolated_broker_url
+    from worker.brokers import DELIVERY_LIMIT_MARGIN, dead_queue
     from worker.config import settings
+    from worker.ingress import ingress_queue
 
     url = isolated_broker_url(broker)
-    processes.worker(name="dead-letters@localhost", queues="invoices.maintenance", extra_env={"BROKER_URL": url})
+    limit = settings().max_deliveries + DELIVERY_LIMIT_MARGIN
+    with Connection(url) as kombu_conn:  # the queues as the worker declares them
+        ingress_queue(settings().max_deliveries)(kombu_conn.default_channel).declare()
+        dead_queue(settings().max_deliveries)(kombu_conn.default_channel).declare()
     body = {"messageId": f"lim-{uuid.uuid4()}", "tenantId": "t-plain", "invoiceNumber": "INV-1"}
-    publisher_app(url).send_task("invoices.issue", args=[body], queue="invoices.commands")
     conn = plain_connection(url)
     try:
         channel = conn.channel()
-        limit = settings().max_deliveries + DELIVERY_LIMIT_MARGIN
+        channel.basic_publish(amqp.Message(json.dumps(body), content_type="application/json", delivery_mode=2),
+                              exchange="invoices.ingress", routing_key="invoices.issue")
         returns = 0
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            message = channel.basic_get("invoices.commands")
+            message = channel.basic_get("invoices.ingress")
             if message is None:
                 if returns > limit:
                     break
@@ -157,5 +164,6 @@ def test_a_message_returned_beyond_the_delivery_limit_is_kept_in_the_dead_letter
         assert returns == limit + 1  # delivered limit + 1 times, then gone from the queue
     finally:
         conn.close()
+    processes.worker(name="dead-letters@localhost", queues="invoices.maintenance", extra_env={"BROKER_URL": url})
     (letter,) = wait_for(lambda: dead_letters_of(body["messageId"]), 20, what="the broker's dead letter to be stored")
     assert letter["reason"] == "delivery-limit" and letter["body"] == body and letter["taskName"] == "invoices.issue"

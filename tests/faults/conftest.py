@@ -277,7 +277,7 @@ def reliability() -> Iterator[list[ReliabilityRow]]:
         from worker.brokers import is_amqp
 
         write_reliability(ROOT / "RELIABILITY.md", _rows,
-                          "RabbitMQ 3.10 (quorum queues)" if is_amqp(os.environ.get("BROKER_URL")) else "Redis (Valkey)")
+                          "RabbitMQ 3.10" if is_amqp(os.environ.get("BROKER_URL")) else "Redis (Valkey)")
 
 
 def kill_pool_process(worker_pid: int, choose=None) -> int | None:
