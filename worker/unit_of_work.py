@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import bindparam, exists, false, func, literal, null, select, true, update
+from sqlalchemy import BigInteger, bindparam, cast, exists, false, func, literal, null, select, true, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -93,7 +93,8 @@ _WAITED = (
     insert(WAITS).values(tenant_id=bindparam("tenant"), message_id=bindparam("message"))
     .on_conflict_do_update(index_elements=[WAITS.c.tenant_id, WAITS.c.message_id],
                            set_={"first_seen": WAITS.c.first_seen})
-    .returning(func.extract("epoch", func.clock_timestamp() - WAITS.c.first_seen).label("waited"))
+    .returning(cast(func.extract("epoch", func.clock_timestamp() - WAITS.c.first_seen) * 1000, BigInteger)
+               .label("waited_ms"))
 )
 
 ID_NAMESPACE = uuid.UUID("5d6f0c1e-8a7b-4c3d-9e2f-1a0b2c3d4e5f")
@@ -235,9 +236,9 @@ class UnitOfWork:
         if self.message_id is None or wait <= 0:
             raise DomainError("invoice-not-found", missing)
         with self.session.get_bind().connect() as connection:  # its own transaction, committed now
-            waited = float(connection.execute(_WAITED, {"tenant": self.tenant_id, "message": self.message_id})
-                           .scalar_one())
+            waited_ms = connection.execute(_WAITED, {"tenant": self.tenant_id, "message": self.message_id}).scalar_one()
             connection.commit()
+        waited = waited_ms / 1000
         if waited < wait:
             raise InvoiceNotYetKnown(address.describe(), wait - waited)
         raise DomainError("invoice-not-found", f"{missing} (waited {waited:.0f}s for it to arrive)")

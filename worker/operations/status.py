@@ -15,7 +15,9 @@ SELECT count(*) FILTER (WHERE outcome = 'applied'), count(*) FILTER (WHERE outco
 FROM inbox WHERE processed_at > now() - interval '1 hour'
 """
 DEAD_LETTERED_LAST_HOUR = "SELECT count(*) FROM dead_letters WHERE last_seen > now() - interval '1 hour'"
-LAST_APPLIED = "SELECT extract(epoch FROM now() - max(processed_at)) FROM inbox WHERE outcome = 'applied'"
+# Seconds as a JSON number, rounded to the millisecond in the query (a duration, not money).
+LAST_APPLIED = ("SELECT round(extract(epoch FROM now() - max(processed_at)), 3)::float8 "
+                "FROM inbox WHERE outcome = 'applied'")
 
 
 def gather(database_url: str, broker_url: str, ping_timeout: float = 1.0) -> dict[str, Any]:
@@ -48,7 +50,7 @@ def gather(database_url: str, broker_url: str, ping_timeout: float = 1.0) -> dic
             (age,) = db.execute(LAST_APPLIED).fetchone()
         report["lastHour"] = {"applied": applied, "rejected": rejected, "duplicate": duplicate,
                               "deadLettered": dead_lettered}
-        report["lastAppliedAgeSeconds"] = round(float(age), 3) if age is not None else None
+        report["lastAppliedAgeSeconds"] = age
     if "broker" not in snapshot.problems:
         try:
             replies = app.control.ping(timeout=ping_timeout)
