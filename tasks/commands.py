@@ -7,6 +7,7 @@ from typing import Any, Callable
 from models.errors import DomainError
 from models.invoice import Invoice
 from tasks.messages import ApplyDiscount, CreateInvoice, InvoiceCommand, UpdateInvoice
+from worker.batching import batchable
 from worker.celery_app import app
 from worker.task_base import InvoiceTask
 from worker.unit_of_work import InvoiceAddress, Outcome, UnitOfWork
@@ -74,6 +75,7 @@ def _simple(task_name: str, operation: Callable[[Invoice], object]) -> Any:
         return self.handle(InvoiceCommand, body, apply, args, kwargs)
 
     run.__name__ = run.__qualname__ = task_name.split(".")[-1]
+    batchable(task_name, InvoiceCommand, apply)
     return app.task(name=task_name, base=InvoiceTask, bind=True)(run)
 
 
@@ -82,3 +84,8 @@ remove_discount = _simple("invoices.remove_discount", Invoice.remove_discount)
 void = _simple("invoices.void", Invoice.void)
 cancel = _simple("invoices.cancel", Invoice.cancel)
 delete = _simple("invoices.delete", Invoice.delete)
+
+
+batchable("invoices.create", CreateInvoice, create_invoice)
+batchable("invoices.update", UpdateInvoice, update_invoice)
+batchable("invoices.apply_discount", ApplyDiscount, discount_invoice)

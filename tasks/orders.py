@@ -5,6 +5,7 @@ from __future__ import annotations
 from models.errors import DomainError
 from models.invoice import Invoice
 from tasks.messages import OrderShipped
+from worker.batching import batchable
 from worker.celery_app import app
 from worker.task_base import InvoiceTask
 from worker.unit_of_work import InvoiceAddress, Outcome, UnitOfWork
@@ -38,3 +39,6 @@ def create_from_order(uow: UnitOfWork, message: OrderShipped) -> Outcome:
     if message.auto_issue:
         invoice.issue()
     return Outcome("applied", message.message_id, invoice_id=invoice.id, invoice_number=invoice.invoice_number)
+
+
+batchable("invoices.order_shipped", OrderShipped, create_from_order)

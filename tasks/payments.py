@@ -9,6 +9,7 @@ from tasks.commands import applied
 from tasks.messages import (
     CompleteHostedPayment, FailPayment, PaymentCallback, RecordPayment, RefundPayment, StartHostedPayment,
 )
+from worker.batching import batchable
 from worker.celery_app import app
 from worker.config import settings
 from worker.handling import dead_letter
@@ -105,11 +106,9 @@ def refund(uow: UnitOfWork, message: RefundPayment) -> Outcome:
 
 @app.task(name="invoices.payment_callback", base=InvoiceTask, bind=True)
 def payment_callback(self: InvoiceTask, body: object = None, *args: object, **kwargs: object) -> dict:
-    secret = settings().callback_signing_secret
-    if secret and isinstance(body, dict):
-        problem = verify(body, secret)
-        if problem:
-            return self.retrying(lambda: dead_letter(self.delivery(body), "bad-signature", problem).to_dict())
+    problem = _signature_problem(body)
+    if problem:
+        return self.retrying(lambda: dead_letter(self.delivery(body), *problem).to_dict())
     return self.handle(PaymentCallback, body, apply_callback, args, kwargs)
 
 
@@ -130,3 +129,20 @@ def apply_callback(uow: UnitOfWork, message: PaymentCallback) -> Outcome:
             provider=message.provider, **retry_policy(),
         )
     return applied(message, invoice) if changed else duplicate(message, invoice, "callback-already-applied")
+
+
+def _signature_problem(body: object) -> tuple[str, str] | None:
+    secret = settings().callback_signing_secret
+    if secret and isinstance(body, dict):
+        problem = verify(body, secret)
+        if problem:
+            return "bad-signature", problem
+    return None
+
+
+batchable("invoices.record_payment", RecordPayment, record_offline_payment)
+batchable("invoices.start_hosted_payment", StartHostedPayment, start_payment)
+batchable("invoices.complete_hosted_payment", CompleteHostedPayment, complete_payment)
+batchable("invoices.fail_payment", FailPayment, fail_hosted_payment)
+batchable("invoices.refund_payment", RefundPayment, refund)
+batchable("invoices.payment_callback", PaymentCallback, apply_callback, check=_signature_problem)

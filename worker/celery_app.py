@@ -64,8 +64,10 @@ def make_app() -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         task_soft_time_limit=config.task_soft_time_limit,
         task_time_limit=config.task_time_limit,
-        # Tasks can be long (bulk imports): one message at a time per pool process.
-        worker_prefetch_multiplier=config.worker_prefetch_multiplier,
+        # Tasks can be long (bulk imports): one message at a time per pool process; with micro-batching,
+        # room for two batches per pool process (one applied, one gathered).
+        worker_prefetch_multiplier=max(config.worker_prefetch_multiplier,
+                                       2 * config.apply_batch_size if config.apply_batch_size > 1 else 1),
         worker_concurrency=config.worker_concurrency,
         task_routes={task: {"queue": queue, "routing_key": queue} for task, queue in ROUTES.items()},
         task_default_queue="invoices.maintenance",

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     # After SIGTERM (Celery's warm shutdown: running tasks finish, nothing new starts), how long `run`
     # waits for the worker before it kills it; a killed task's message is handed back and runs again.
     worker_stop_seconds: float = Field(default=30.0, ge=0)
+    # Micro-batching of the payments, orders and commands queues (worker/batching.py): a pool process
+    # applies up to this many messages in one transaction, gathered for at most APPLY_BATCH_WAIT_MS
+    # (longer while every pool process is busy). 1 turns batching off: one message per task.
+    apply_batch_size: int = Field(default=100, ge=1, le=1000)
+    apply_batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
     # Messages each pool process reserves ahead. 1 suits long tasks (bulk imports) and fair spreading.
     worker_prefetch_multiplier: int = Field(default=1, ge=1)
     # Redis only: how long an unacknowledged message stays invisible before the broker hands it

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.worker.consumer import Consumer
 
-from worker import dead_letters
+from worker import batching, dead_letters
 from worker.celery_app import QUEUES, ROUTES
 from worker.config import settings
 from worker.operations import metrics
@@ -82,6 +82,10 @@ MAINTENANCE_TASKS = frozenset(QUEUES["invoices.maintenance"])
 
 
 class InvoiceConsumer(Consumer):
+    def update_strategies(self) -> None:
+        super().update_strategies()
+        batching.install(self)
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's handler, behind a byte cap checked before anything decodes the body
         (MAX_MESSAGE_BYTES): a larger message is dead-lettered `too-large`, whole (as bytes)."""

@@ -106,6 +106,11 @@ def reject(session: Any, task: str, message: Any, error: DomainError) -> Outcome
     if duplicate is not None:
         session.rollback()
         return duplicate
+    return uow.commit(rejection(uow, task, message, error))
+
+
+def rejection(uow: UnitOfWork, task: str, message: Any, error: DomainError) -> Outcome:
+    """The rejected outcome of a message, its command.rejected event written to the unit of work."""
     address = getattr(message, "address", None)
     number = address.invoice_number if address is not None else getattr(message, "invoice_number", None)
     invoice = uow.find(address, lock=False) if address is not None else None
@@ -115,7 +120,7 @@ def reject(session: Any, task: str, message: Any, error: DomainError) -> Outcome
     uow.emit("command.rejected", {"messageId": message.message_id, "task": task, "reason": error.code,
                                   "message": error.message},
              invoice_id=outcome.invoice_id, invoice_number=outcome.invoice_number)
-    return uow.commit(outcome)
+    return outcome
 
 
 def dead_letter(delivery: dead_letters.Delivery, reason: str, error: str) -> Outcome:

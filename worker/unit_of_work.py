@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import BigInteger, bindparam, cast, exists, false, func, literal, null, select, true, update
+from sqlalchemy import BigInteger, inspect, bindparam, cast, exists, false, func, literal, null, select, true, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -134,6 +134,26 @@ def history_row(invoice: Invoice, events: list[dict[str, Any]], status_before: s
     }
 
 
+class Preloaded:
+    """Invoices loaded (and locked) for a batch of messages, found by their address without a query.
+    An address it does not hold is looked up as usual: the batch may have created it since."""
+
+    def __init__(self, invoices: list[Invoice]) -> None:
+        self._by_id = {(i.tenant_id, i.id): i for i in invoices}
+        self._by_number = {(i.tenant_id, i.invoice_number): i for i in invoices}
+
+    def get(self, tenant_id: str, address: InvoiceAddress) -> Invoice | None:
+        if address.invoice_id is not None:
+            invoice = self._by_id.get((tenant_id, address.invoice_id))
+            if invoice is not None and address.invoice_number not in (None, invoice.invoice_number):
+                return None
+        else:
+            invoice = self._by_number.get((tenant_id, address.invoice_number))
+        if invoice is None or invoice.is_deleted or not inspect(invoice).persistent:
+            return None
+        return invoice
+
+
 class UnitOfWork:
     def __init__(self, session: Session, *, tenant_id: str, message_id: str | None, task: str) -> None:
         self.session = session
@@ -146,6 +166,8 @@ class UnitOfWork:
         self._touched: dict[Invoice, str | None] = {}
         self._outbox: list[dict[str, Any]] = []
         self._history: list[dict[str, Any]] = []
+        # A batch's invoices, loaded and locked together before its messages run (worker/batching.py).
+        self.preloaded: Preloaded | None = None
 
     # ----------------------------------------------------------------- inbox
 
@@ -179,6 +201,10 @@ class UnitOfWork:
 
     def find(self, address: InvoiceAddress, *, lock: bool = True) -> Invoice | None:
         """The tenant's invoice at that address, locked against concurrent changes."""
+        if self.preloaded is not None:
+            hit = self.preloaded.get(self.tenant_id, address)
+            if hit is not None:
+                return hit
         query = select(Invoice).where(Invoice.tenant_id == self.tenant_id)
         if address.invoice_id is not None:
             query = query.where(Invoice.id == address.invoice_id)
