@@ -36,7 +36,7 @@ import psycopg
 from celery import signals
 from kombu.serialization import loads
 from pydantic import BaseModel
-from sqlalchemy import delete, or_, select, tuple_
+from sqlalchemy import delete, func, or_, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, selectinload
@@ -361,7 +361,7 @@ def _transaction(session: Session, items: list[Item]) -> list[Item]:
 
 def _claim(connection: Any, items: list[Item]) -> set[tuple[str, str]]:
     """Take the batch's messageIds, in key order; the ones another copy already took are not returned."""
-    rows = [{"tenant_id": tenant, "message_id": message, "task": task, "outcome": "applied"}
+    rows = [{"tenant_id": tenant, "message_id": message, "task": task, "outcome": "applied", "processed_at": func.now()}
             for (tenant, message), task in sorted((item.key, item.entry.task) for item in items)]
     statement = (insert(INBOX).values(rows).on_conflict_do_nothing()
                  .returning(INBOX.c.tenant_id, INBOX.c.message_id))

@@ -1,0 +1,244 @@
+"""The batch rules of micro-batching (worker/batching.py), through a real broker and real worker
+processes. Each test queues its messages before its worker starts, so that they reach the worker
+together and form one batch; that they did is read from PostgreSQL: the inbox records of one
+transaction share its start time (`now()`)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from decimal import Decimal
+from typing import Any, Iterator
+
+import psutil
+import psycopg
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import (
+    Processes, _flush_broker_database, dead_letters_of, invoice_json, new_tenant, outcome_of, own_broker_url,
+    publisher_app, wait_for, wait_outcome,
+)
+from tests.end_to_end.test_delivery import (
+    database_conninfo, events_of, issued_invoice, payment, waiting_on_locks,
+)
+from worker import db
+from worker.records import DeliveryCount, InboxMessage
+
+
+class BatchWorker:
+    """Messages queued first, then one worker (one pool process) that takes them as one batch."""
+
+    def __init__(self, processes: Processes, broker: str) -> None:
+        self.processes = processes
+        self.url = own_broker_url(broker)
+        _flush_broker_database(self.url)
+        self.publisher = publisher_app(self.url)
+        self.proc: Any = None
+        self.sent: list[dict[str, Any]] = []
+        self.delivery_ids: dict[str, str] = {}
+
+    def send(self, task: str, body: dict[str, Any]) -> dict[str, Any]:
+        from worker.celery_app import queue_for
+
+        self.delivery_ids[body["messageId"]] = self.publisher.send_task(task, args=[body], queue=queue_for(task)).id
+        self.sent.append(body)
+        return body
+
+    def start(self, **env: str) -> None:
+        """The batch is as large as what was sent (and waits long enough to gather all of it)."""
+        self.proc = self.processes.worker(concurrency=1, name=f"batch-{uuid.uuid4().hex[:6]}@localhost", extra_env={
+            "BROKER_URL": self.url, "APPLY_BATCH_SIZE": str(len(self.sent)), "APPLY_BATCH_WAIT_MS": "1000", **env})
+
+    @property
+    def log(self) -> str:
+        return self.proc.log.read_text()
+
+    def close(self) -> None:
+        self.publisher.close()
+        if self.proc is not None:
+            self.processes.stop(self.proc)
+        _flush_broker_database(self.url)
+
+
+@pytest.fixture
+def batch_worker(processes: Processes, database: str, broker: str) -> Iterator[BatchWorker]:
+    worker = BatchWorker(processes, broker)
+    try:
+        yield worker
+    finally:
+        worker.close()
+
+
+def transactions_of(tenant: str, message_ids: list[str]) -> int:
+    """How many transactions recorded these messages' outcomes (their inbox rows' now())."""
+    with db.sessions()() as s:
+        stamps = s.scalars(select(InboxMessage.processed_at).where(
+            InboxMessage.tenant_id == tenant, InboxMessage.message_id.in_(message_ids))).all()
+    assert len(stamps) == len(set(message_ids))
+    return len(set(stamps))
+
+
+def command(task_tenant: str, number: str, **fields: Any) -> dict[str, Any]:
+    return {"messageId": f"cmd-{uuid.uuid4()}", "tenantId": task_tenant, "invoiceNumber": number,
+            "occurredAt": "2026-11-24T10:15:02Z", **fields}
+
+
+def test_a_batch_is_one_transaction_and_a_bad_message_costs_only_itself(running, batch_worker):
+    tenant = new_tenant("t-batch")
+    invoice = issued_invoice(tenant)
+    number = invoice["invoiceNumber"]
+    first = batch_worker.send("invoices.record_payment", payment(tenant, number, "10.00"))
+    malformed = batch_worker.send("invoices.record_payment", payment(tenant, number, "ten dollars"))
+    refund = batch_worker.send("invoices.refund_payment", command(
+        tenant, number, paymentId=str(uuid.uuid4()), amount="1.00", referenceNumber="R-1", reason="test"))
+    copy = batch_worker.send("invoices.record_payment", dict(first))  # the same messageId, in the same batch
+    second = batch_worker.send("invoices.record_payment", payment(tenant, number, "5.00"))
+    batch_worker.start()
+
+    assert wait_outcome(tenant, second["messageId"])["outcome"] == "applied"
+    assert outcome_of(tenant, first["messageId"])["outcome"] == "applied"
+    rejected = outcome_of(tenant, refund["messageId"])
+    assert (rejected["outcome"], rejected["reason"]) == ("rejected", "payment-not-found")
+    [letter] = wait_for(lambda: dead_letters_of(malformed["messageId"]), 10, what="the dead letter")
+    assert letter["reason"] == "malformed" and letter["body"] == malformed
+    # One transaction held the two payments and the rejection.
+    assert transactions_of(tenant, [first["messageId"], second["messageId"], refund["messageId"]]) == 1
+    after = invoice_json(tenant, number)
+    assert after["amountPaid"] == "15.00" and len(after["payments"]) == 2  # the copy applied nothing
+    events = events_of(invoice["id"])
+    sequences = [e["sequence"] for e in events if e["type"] != "command.rejected"]  # a rejection changes nothing
+    assert sequences == list(range(1, len(sequences) + 1))
+    assert [e["data"]["reason"] for e in events if e["type"] == "command.rejected"] == ["payment-not-found"]
+    recorded = [e for e in events if e["type"] == "payment.recorded"]
+    assert [e["causationId"] for e in recorded] == [first["messageId"], second["messageId"]]  # arrival order
+    assert batch_worker.log.count("'outcome': 'duplicate'") == 1  # the copy, a duplicate of its batch-mate
+    assert "(batched)" in batch_worker.log
+
+
+def test_messages_for_one_invoice_apply_in_arrival_order_and_an_early_one_waits_alone(running, batch_worker):
+    tenant = new_tenant("t-order")
+    a, b = issued_invoice(tenant), issued_invoice(tenant)
+    in_order, reversed_ = str(uuid.uuid4()), str(uuid.uuid4())
+    hosted = {"amount": "20.00", "currency": "USD", "paymentProfileId": "card-1"}
+    start_a = batch_worker.send("invoices.start_hosted_payment",
+                                command(tenant, a["invoiceNumber"], paymentId=in_order, **hosted))
+    complete_a = batch_worker.send("invoices.complete_hosted_payment",
+                                   command(tenant, a["invoiceNumber"], paymentId=in_order))
+    # On b the completion comes first: its payment is not known yet, so it leaves the batch and is
+    # retried alone until the start (later in the same batch) has been applied.
+    complete_b = batch_worker.send("invoices.complete_hosted_payment",
+                                   command(tenant, b["invoiceNumber"], paymentId=reversed_))
+    start_b = batch_worker.send("invoices.start_hosted_payment",
+                                command(tenant, b["invoiceNumber"], paymentId=reversed_, **hosted))
+    batch_worker.start()
+
+    assert wait_outcome(tenant, complete_b["messageId"], timeout=60)["outcome"] == "applied"
+    for body in (start_a, complete_a, start_b):
+        assert outcome_of(tenant, body["messageId"])["outcome"] == "applied"
+    assert transactions_of(tenant, [start_a["messageId"], complete_a["messageId"], start_b["messageId"]]) == 1
+    for invoice in (a, b):
+        after = invoice_json(tenant, invoice["invoiceNumber"])
+        assert after["amountPaid"] == "20.00"
+        assert [p["status"] for p in after["payments"]] == ["Completed"]
+    types_a = [e["type"] for e in events_of(a["id"])]
+    assert types_a.index("payment.recorded") > 0 and types_a.count("payment.recorded") == 1
+
+
+def test_a_pool_process_killed_mid_batch_hands_every_message_back_and_each_applies_once(running, batch_worker):
+    tenant = new_tenant("t-bkill")
+    held, free = issued_invoice(tenant), issued_invoice(tenant)
+    bodies = [batch_worker.send("invoices.record_payment",
+                                payment(tenant, (held if i % 2 else free)["invoiceNumber"], f"{i + 1}.00"))
+              for i in range(20)]
+    with psycopg.connect(database_conninfo()) as blocker:
+        # The batch locks its invoices first: it stops there, mid-transaction, with all 20 messages.
+        blocker.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (held["id"],))
+        batch_worker.start()
+        wait_for(lambda: waiting_on_locks() >= 1, 20, what="the batch to block on the invoice lock")
+        [pool] = psutil.Process(batch_worker.proc.pid).children(recursive=True)
+        pool.kill()
+        pool.wait(10)
+        blocker.rollback()
+    for body in bodies:
+        assert wait_outcome(tenant, body["messageId"], timeout=60)["outcome"] == "applied"
+    for invoice, parity in ((free, 0), (held, 1)):
+        after = invoice_json(tenant, invoice["invoiceNumber"])
+        expected = sum(Decimal(i + 1) for i in range(20) if i % 2 == parity)
+        assert Decimal(after["amountPaid"]) == expected and len(after["payments"]) == 10
+        events = events_of(invoice["id"])
+        assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+    assert "lost with its pool process" in batch_worker.log
+
+
+def test_a_batch_whose_database_connection_is_cut_is_retried_whole_and_loses_nothing(running, batch_worker):
+    tenant = new_tenant("t-bcut")
+    invoice = issued_invoice(tenant)
+    bodies = [batch_worker.send("invoices.record_payment", payment(tenant, invoice["invoiceNumber"], "1.25"))
+              for _ in range(12)]
+    with psycopg.connect(database_conninfo(), autocommit=True) as admin:
+        with psycopg.connect(database_conninfo()) as blocker:
+            blocker.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (invoice["id"],))
+            batch_worker.start()
+            wait_for(lambda: waiting_on_locks() >= 1, 20, what="the batch to block on the invoice lock")
+            # Cut the batch's connection from the server side, as a restart or a proxy would.
+            cut = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()").fetchall()
+            assert cut == [(True,)]
+            blocker.rollback()
+    for body in bodies:
+        assert wait_outcome(tenant, body["messageId"], timeout=60)["outcome"] == "applied"
+    after = invoice_json(tenant, invoice["invoiceNumber"])
+    assert after["amountPaid"] == "15.00" and len(after["payments"]) == 12
+    assert "could not be applied" in batch_worker.log
+
+
+def test_the_poison_count_stays_per_message_when_a_batch_dies(running, batch_worker):
+    """A message whose process dies each time it runs kills its first batch once; its batch-mates
+    come back, run alone and apply at their first redelivery; it alone reaches MAX_DELIVERIES."""
+    tenant = new_tenant("t-bpoison")
+    doomed, healthy = issued_invoice(tenant), issued_invoice(tenant)
+    poison = batch_worker.send("invoices.record_payment", payment(tenant, doomed["invoiceNumber"], "9.00"))
+    mates = [batch_worker.send("invoices.record_payment", payment(tenant, healthy["invoiceNumber"], "1.00"))
+             for _ in range(9)]
+    stop = threading.Event()
+    kills: list[int] = []
+
+    def killer() -> None:
+        """Whenever a process waits on the doomed invoice's lock: kill it, and end its backend (which
+        would otherwise go on waiting, and be taken for the next run's)."""
+        with psycopg.connect(database_conninfo(), autocommit=True) as admin:
+            while not stop.is_set():
+                waiting = [row[0] for row in admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()")]
+                if waiting and batch_worker.proc is not None:
+                    for child in psutil.Process(batch_worker.proc.pid).children(recursive=True):
+                        child.kill()
+                        kills.append(child.pid)
+                    for pid in waiting:
+                        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                stop.wait(0.05)
+
+    with psycopg.connect(database_conninfo()) as blocker:
+        blocker.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (doomed["id"],))
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        try:
+            batch_worker.start(MAX_DELIVERIES="3")
+            for body in mates:
+                assert wait_outcome(tenant, body["messageId"], timeout=90)["outcome"] == "applied"
+            [letter] = wait_for(lambda: dead_letters_of(poison["messageId"]), 90, what="the poison dead letter")
+        finally:
+            stop.set()
+            thread.join(5)
+            blocker.rollback()
+    assert letter["reason"] == "worker-lost"
+    assert invoice_json(tenant, healthy["invoiceNumber"])["amountPaid"] == "9.00"
+    assert invoice_json(tenant, doomed["invoiceNumber"])["payments"] == []
+    # One kill of the batch, then the poison message's own starts up to the limit.
+    assert len(kills) == 1 + 2
+    with db.sessions()() as s:
+        counts = dict(s.execute(select(DeliveryCount.delivery_id, DeliveryCount.starts)).all())
+    assert counts[batch_worker.delivery_ids[poison["messageId"]]] == 3 + 1  # the start that dead-lettered it
+    # Its batch-mates started twice at most: in the batch, then alone (a redelivery, counted once).
+    assert all(counts.get(batch_worker.delivery_ids[m["messageId"]], 2) == 2 for m in mates)
