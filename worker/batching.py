@@ -94,8 +94,21 @@ class Entry:
 @dataclass
 class Pending:
     entry: Entry
-    ack: Any
-    reject: Any
+    message: Any
+
+    def settle(self, action: str) -> None:
+        """Acknowledge the message, or hand it back. A message of a connection lost meanwhile cannot
+        be either (kombu raises, and Celery would stop the worker): the broker hands it back itself,
+        and the inbox makes its next run a duplicate."""
+        try:
+            if action == ACK:
+                self.message.ack()
+            else:
+                self.message.reject(requeue=True)
+        except Exception as exc:
+            log.warning("could not %s %s %s (%s: %s); its broker connection was lost and it comes back",
+                        "acknowledge" if action == ACK else "hand back", self.entry.task, self.entry.delivery_id,
+                        type(exc).__name__, exc)
 
 
 def is_ordinary(message: Any) -> bool:
@@ -129,7 +142,7 @@ class Batcher:
             headers = message.headers or {}
             entry = Entry(name, str(headers.get("id") or message.delivery_tag), message.body, message.content_type,
                           message.content_encoding, {k: headers.get(k) for k in ("id", "root_id", "parent_id", "origin")})
-            self.buffer.append(Pending(entry, ack, reject))
+            self.buffer.append(Pending(entry, message))
             signals.task_received.send(sender=consumer, request=None)
             if len(self.buffer) >= self.size:
                 self.flush()
@@ -157,14 +170,10 @@ class Batcher:
         if not batch:
             return
         self.in_flight += 1
-        errors = self.consumer.connection_errors
 
         def done(actions: list[str]) -> None:
             for pending, action in zip(batch, actions):
-                if action == ACK:
-                    pending.ack(log, errors)
-                else:
-                    pending.reject(log, errors, True)
+                pending.settle(action)
             self._ended()
 
         def lost(exc_info: Any) -> None:
@@ -173,12 +182,18 @@ class Batcher:
             log.error("a batch of %d messages was lost with its pool process (%s); handing them back",
                       len(batch), getattr(exc_info, "exception", exc_info))
             for pending in batch:
-                pending.reject(log, errors, True)
+                pending.settle(REQUEUE)
             self._ended()
 
         config = settings()
         self.consumer.pool.apply_async(apply_batch, ([p.entry for p in batch],), callback=done, error_callback=lost,
                                        soft_timeout=config.task_soft_time_limit, timeout=config.task_time_limit)
+
+    def discard(self) -> None:
+        if self.timer_ref is not None:
+            self.timer_ref.cancel()
+            self.timer_ref = None
+        self.buffer = []
 
     def _ended(self) -> None:
         self.in_flight -= 1
@@ -190,6 +205,9 @@ def install(consumer: Any) -> None:
     """Give the batchable tasks the batching strategy (APPLY_BATCH_SIZE above 1)."""
     if settings().apply_batch_size <= 1:
         return
+    old = getattr(consumer, "batcher", None)
+    if old is not None:  # the connection was lost: what the old one gathered comes back from the broker
+        old.discard()
     batcher = Batcher(consumer)
     consumer.batcher = batcher
     for name in BATCHABLE:
