@@ -38,7 +38,8 @@ from kombu.serialization import loads
 from pydantic import BaseModel
 from sqlalchemy import delete, func, or_, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.orm import Session, selectinload
 
 from models.errors import DomainError
@@ -284,19 +285,33 @@ def _prepare(index: int, entry: Entry) -> Item | None:
     return item
 
 
+class Unsure(Exception):
+    """A message of a batch applied without savepoints raised: the batch runs again with them."""
+
+
 def _apply(items: list[Item]) -> list[Item]:
-    """Apply the parsed messages in one transaction; return those to hand back. A conflict of the
-    whole batch (a deadlock, a lock wait that ran out) runs it again; a passing fault hands it back."""
+    """Apply the parsed messages in one transaction; return those to hand back.
+
+    The batch first runs without savepoints and with one flush at the end (a message costs no
+    statement of its own then). When any message raises (a rejection, a key taken, anything), that
+    attempt is rolled back and the batch runs again with a savepoint per message, so that the
+    message alone is rolled back. A conflict of the whole batch (a deadlock, a lock wait that ran
+    out) runs it again; a passing fault (the database away) hands it back."""
+    savepoints = False
     for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+        for item in items:
+            item.outcome, item.copy_of = None, None
         try:
             with db.sessions()() as session:
-                return _transaction(session, items)
+                return _transaction(session, items, savepoints)
+        except Unsure as exc:
+            log.debug("a batch of %d messages runs again with a savepoint per message: %s", len(items), exc.__cause__)
+            savepoints = True
+            continue
         except (DBAPIError, psycopg.Error) as exc:
             state = _sqlstate(exc)
             if state in CONFLICT_SQLSTATES and attempt < CONFLICT_ATTEMPTS:
                 log.info("a batch of %d messages met conflict %s, attempt %d; running it again", len(items), state, attempt)
-                for item in items:
-                    item.outcome, item.copy_of = None, None
                 time.sleep(random.uniform(0, 0.01 * 2**attempt))
                 continue
             log.warning("a batch of %d messages could not be applied (%s); handing them back", len(items), exc)
@@ -307,7 +322,7 @@ def _apply(items: list[Item]) -> list[Item]:
     return items
 
 
-def _transaction(session: Session, items: list[Item]) -> list[Item]:
+def _transaction(session: Session, items: list[Item], savepoints: bool) -> list[Item]:
     connection = session.connection()
     first: dict[tuple[str, str], Item] = {}
     for item in items:
@@ -333,26 +348,25 @@ def _transaction(session: Session, items: list[Item]) -> list[Item]:
         uow = UnitOfWork(session, tenant_id=item.message.tenant_id, message_id=item.message.message_id,
                          task=item.entry.task)
         uow.preloaded = preloaded
-        savepoint = session.begin_nested()
-        try:
-            outcome = item.spec.operation(uow, item.message) or Outcome("applied", item.message.message_id)
-            uow.flush_events()
-            session.flush()
-            savepoint.commit()
-        except DomainError as error:
-            savepoint.rollback()
-            uow = UnitOfWork(session, tenant_id=item.message.tenant_id, message_id=item.message.message_id,
-                             task=item.entry.task)
-            uow.preloaded = preloaded
-            outcome = rejection(uow, item.entry.task, item.message, error)
-        except Exception as exc:  # not decidable here (not known yet, a key race, a bug): alone, later
-            savepoint.rollback()
-            log.info("%s %s leaves its batch: %s: %s", item.entry.task, item.message.message_id, type(exc).__name__, exc)
-            handed_back.append(item)
-            continue
+        if savepoints:
+            outcome = _in_savepoint(session, uow, item)
+            if outcome is None:
+                handed_back.append(item)
+                continue
+        else:
+            try:
+                outcome = item.spec.operation(uow, item.message) or Outcome("applied", item.message.message_id)
+                uow.flush_events()
+            except Exception as exc:
+                raise Unsure(f"{item.entry.task} {item.message.message_id}") from exc
         item.outcome = outcome
         outbox.extend(uow._outbox)
         history.extend(uow._history)
+    if not savepoints:
+        try:
+            session.flush()
+        except (IntegrityError, DataError, StaleDataError) as exc:
+            raise Unsure("the batch's flush") from exc
 
     if handed_back:  # their claims go, so that their next run is not taken for a duplicate
         keys = [item.key for item in handed_back if item.key in claimed]
@@ -375,6 +389,27 @@ def _transaction(session: Session, items: list[Item]) -> list[Item]:
             else:
                 item.outcome = _as_duplicate(item.copy_of.outcome, item.message.message_id)
     return handed_back
+
+
+def _in_savepoint(session: Session, uow: UnitOfWork, item: Item) -> Outcome | None:
+    """Apply one message in a savepoint: its outcome, or None when it must leave the batch."""
+    savepoint = session.begin_nested()
+    try:
+        outcome = item.spec.operation(uow, item.message) or Outcome("applied", item.message.message_id)
+        uow.flush_events()
+        session.flush()
+        savepoint.commit()
+        return outcome
+    except DomainError as error:
+        savepoint.rollback()
+        uow._outbox.clear()
+        uow._history.clear()
+        uow._touched.clear()
+        return rejection(uow, item.entry.task, item.message, error)
+    except Exception as exc:  # not decidable here (not known yet, a key race, a bug): alone, later
+        savepoint.rollback()
+        log.info("%s %s leaves its batch: %s: %s", item.entry.task, item.message.message_id, type(exc).__name__, exc)
+        return None
 
 
 def _claim(connection: Any, items: list[Item]) -> set[tuple[str, str]]:

@@ -242,3 +242,30 @@ def test_the_poison_count_stays_per_message_when_a_batch_dies(running, batch_wor
     assert counts[batch_worker.delivery_ids[poison["messageId"]]] == 3 + 1  # the start that dead-lettered it
     # Its batch-mates started twice at most: in the batch, then alone (a redelivery, counted once).
     assert all(counts.get(batch_worker.delivery_ids[m["messageId"]], 2) == 2 for m in mates)
+
+
+def test_a_batch_that_creates_and_then_uses_an_invoice_and_meets_a_natural_key_twice(running, batch_worker):
+    """The batch first runs without savepoints (one flush at its end); what only a flush would show
+    (an invoice created earlier in the batch, an order invoiced twice) sends it round again with a
+    savepoint per message, where each message sees the ones before it."""
+    from tests.conftest import order_body
+
+    tenant = new_tenant("t-bcreate")
+    create = batch_worker.send("invoices.create", {
+        "messageId": f"c-{uuid.uuid4()}", "tenantId": tenant, "invoiceNumber": "B-1", "currency": "USD",
+        "customer": {"name": "Ada"}, "lineItems": [{"description": "x", "quantity": "2", "unitPrice": "10.00"}]})
+    issue = batch_worker.send("invoices.issue", command(tenant, "B-1"))
+    pay = batch_worker.send("invoices.record_payment", payment(tenant, "B-1", "5.00"))
+    order = order_body(tenant=tenant)
+    shipped = batch_worker.send("invoices.order_shipped", order)
+    again = batch_worker.send("invoices.order_shipped", {**order, "messageId": f"m-{uuid.uuid4()}"})
+    batch_worker.start()
+
+    assert wait_outcome(tenant, again["messageId"])["reason"] == "order-already-invoiced"
+    for body in (create, issue, pay, shipped):
+        assert outcome_of(tenant, body["messageId"])["outcome"] == "applied", body
+    # (The payment came from another queue: it may arrive before the invoice exists, leave the batch
+    # and wait alone; the others are one transaction.)
+    assert transactions_of(tenant, [b["messageId"] for b in (create, issue, shipped, again)]) == 1
+    invoice = invoice_json(tenant, "B-1")
+    assert (invoice["status"], invoice["amountPaid"], invoice["balance"]) == ("PartiallyPaid", "5.00", "15.00")
