@@ -43,7 +43,7 @@ def record_payment(self: InvoiceTask, body: object = None, *args: object, **kwar
 def record_offline_payment(uow: UnitOfWork, message: RecordPayment) -> Outcome:
     invoice = uow.invoice(message.address)
     payment_id = derived_id("payment", message.tenant_id, message.message_id)
-    if invoice.payment(payment_id) is not None:  # a copy whose inbox row was pruned: the derived id catches it
+    if uow.has_payment(invoice, payment_id):  # a copy whose inbox row was pruned: the derived id catches it
         return duplicate(message, invoice, "payment-already-recorded")
     fields = message.model_dump(include={
         "amount", "currency", "payment_method", "payment_date", "reference_number", "notes", "payment_profile_id",

@@ -70,6 +70,16 @@ class QoS(redis.QoS):
                         len(pending), exc)
             return None
 
+    def ack_many(self, delivery_tags: list[str]) -> None:
+        """Acknowledge a batch's messages with one round trip (kombu's ack is one pipeline each)."""
+        with self.channel.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            for tag in delivery_tags:
+                self._remove_from_indices(tag, pipe)
+            pipe.execute()
+        for tag in delivery_tags:
+            super(redis.QoS, self).ack(tag)  # the channel's own bookkeeping (kombu's virtual QoS)
+
     def restore_visible(self, *args, **kwargs):  # noqa: ANN002, ANN003
         restore_orphans(self)
         return super().restore_visible(*args, **kwargs)
@@ -106,6 +116,9 @@ def restore_orphans(qos: QoS) -> int:
 
 class Channel(redis.Channel):
     QoS = QoS
+
+    def basic_ack_many(self, delivery_tags: list[str]) -> None:
+        self.qos.ack_many(delivery_tags)
 
     def basic_consume(self, *args, **kwargs):  # noqa: ANN002, ANN003
         result = super().basic_consume(*args, **kwargs)

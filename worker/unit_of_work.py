@@ -138,9 +138,12 @@ class Preloaded:
     """Invoices loaded (and locked) for a batch of messages, found by their address without a query.
     An address it does not hold is looked up as usual: the batch may have created it since."""
 
-    def __init__(self, invoices: list[Invoice]) -> None:
+    def __init__(self, invoices: list[Invoice], payment_ids: set[tuple[uuid.UUID, uuid.UUID]] | None = None) -> None:
         self._by_id = {(i.tenant_id, i.id): i for i in invoices}
         self._by_number = {(i.tenant_id, i.invoice_number): i for i in invoices}
+        # (invoice id, payment id) of every payment these invoices had when the batch began, read
+        # without loading the payments themselves; None when the batch did not read them.
+        self.payment_ids = payment_ids
 
     def get(self, tenant_id: str, address: InvoiceAddress) -> Invoice | None:
         if address.invoice_id is not None:
@@ -213,6 +216,17 @@ class UnitOfWork:
         if lock:
             query = query.with_for_update()
         return self.session.scalars(query).first()
+
+    def has_payment(self, invoice: Invoice, payment_id: uuid.UUID) -> bool:
+        """Whether the invoice already has that payment, without loading its payments when they
+        are not loaded yet (a payment recorded offline needs none of them)."""
+        if "payments" in invoice.__dict__:
+            return invoice.payment(payment_id) is not None
+        if self.preloaded is not None and self.preloaded.payment_ids is not None and inspect(invoice).persistent:
+            if (invoice.id, payment_id) in self.preloaded.payment_ids:
+                return True
+            return any(p.id == payment_id for p in invoice.new_rows)
+        return invoice.payment(payment_id) is not None
 
     def find_by_id(self, invoice_id: uuid.UUID) -> Invoice | None:
         invoice = self.find(InvoiceAddress(invoice_id=invoice_id))
