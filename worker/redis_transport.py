@@ -1,4 +1,5 @@
-"""kombu's Redis transport, with one fix: messages that could not be handed back when the broker
+"""kombu's Redis transport, with one fix and two changes for speed (reading up to 100 messages per
+BRPOP answer, and acknowledging a batch in one round trip; see Channel). The fix: messages that could not be handed back when the broker
 went away are handed back as soon as it answers again, not after the visibility timeout.
 
 On Redis, a delivered message waits in the `unacked` hash until it is acknowledged. When the
@@ -23,9 +24,11 @@ from __future__ import annotations
 import logging
 import threading
 
+from time import time
+
 from kombu.transport import redis
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,25 @@ def _remember(messages: list) -> None:
             _orphans[message.delivery_tag] = (message._raw, info["exchange"], info["routing_key"])
 
 
+def _remember_payloads(payloads: list[dict]) -> None:
+    with _lock:
+        for payload in payloads:
+            info = payload["properties"]["delivery_info"]
+            _orphans[payload["properties"]["delivery_tag"]] = (payload, info["exchange"], info["routing_key"])
+
+
 class QoS(redis.QoS):
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        # Delivery tags already written to the `unacked` hash by Channel._register_many.
+        self.registered: set[str] = set()
+
     def append(self, message, delivery_tag):  # noqa: ANN001 - kombu's signature
         """kombu registers a delivered message in the `unacked` hash after BRPOP took it from its
         list; when the broker goes away in between, the message would exist nowhere but here."""
+        if delivery_tag in self.registered:  # registered with the others of its read: bookkeeping only
+            self.registered.discard(delivery_tag)
+            return super(redis.QoS, self).append(message, delivery_tag)
         try:
             return super().append(message, delivery_tag)
         except Exception:
@@ -116,6 +134,65 @@ def restore_orphans(qos: QoS) -> int:
 
 class Channel(redis.Channel):
     QoS = QoS
+    # The most messages taken from a queue in one read, beside the one BRPOP answered with.
+    MORE_PER_READ = 100
+    _pop_many = True
+
+    def _brpop_read(self, **options):  # noqa: ANN003 - kombu's signature
+        """kombu's read of a BRPOP answer, plus: when the consumer has room, up to MORE_PER_READ
+        more messages of the same queue, taken with one RPOP and registered in the `unacked` hash
+        with one pipeline before any is delivered (kombu: a pipeline per message). A busy worker
+        then costs three round trips per read instead of two per message. The messages taken
+        but not yet registered when the broker goes away are remembered (handed back later)."""
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise redis.Empty()
+            key, item = dest__item
+            dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            payloads = [loads(bytes_to_str(item))]
+            room = self.qos.can_consume_max_estimate() - 1 if self.qos.prefetch_count else 0
+            if room > 0 and self._pop_many:
+                payloads += self._pop_more(key, min(room, self.MORE_PER_READ), payloads)
+            if len(payloads) > 1:
+                self._register_many(payloads)
+            for payload in payloads:
+                self.connection._deliver(payload, dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _pop_more(self, key: bytes, count: int, taken: list[dict]) -> list[dict]:
+        try:
+            items = self.client.rpop(key, count)
+        except redis.redis.ResponseError:  # a server before Redis 6.2: RPOP takes no count
+            self._pop_many = False
+            return []
+        except Exception:
+            _remember_payloads(taken)
+            raise
+        return [loads(bytes_to_str(item)) for item in items or ()]
+
+    def _register_many(self, payloads: list[dict]) -> None:
+        qos = self.qos
+        try:
+            with qos.pipe_or_acquire() as pipe:
+                for payload in payloads:
+                    tag = payload["properties"]["delivery_tag"]
+                    info = payload["properties"]["delivery_info"]
+                    pipe.zadd(qos.unacked_index_key, {tag: time()})
+                    pipe.hset(qos.unacked_key, tag, dumps([payload, info["exchange"], info["routing_key"]]))
+                pipe.execute()
+        except Exception:
+            _remember_payloads(payloads)
+            raise
+        qos.registered.update(p["properties"]["delivery_tag"] for p in payloads)
 
     def basic_ack_many(self, delivery_tags: list[str]) -> None:
         self.qos.ack_many(delivery_tags)
