@@ -63,6 +63,15 @@ class QoS(redis.QoS):
         # Delivery tags already written to the `unacked` hash by Channel._register_many.
         self.registered: set[str] = set()
 
+    def held_bytes(self) -> int:
+        """The bodies this channel holds: delivered, not yet acknowledged."""
+        return sum(len(m.body or b"") for tag, m in self._delivered.items() if tag not in self._dirty)
+
+    def can_consume(self) -> bool:
+        """kombu's prefetch count, and a bound on the bytes held: a flood of the largest allowed
+        messages (MAX_MESSAGE_BYTES each) fills HELD_BYTES, not the prefetch count times 8 MiB."""
+        return super().can_consume() and (not self._delivered or self.held_bytes() < held_limit())
+
     def append(self, message, delivery_tag):  # noqa: ANN001 - kombu's signature
         """kombu registers a delivered message in the `unacked` hash after BRPOP took it from its
         list; when the broker goes away in between, the message would exist nowhere but here."""
@@ -132,6 +141,30 @@ def restore_orphans(qos: QoS) -> int:
     return restored
 
 
+def held_limit() -> int:
+    from worker.config import settings
+
+    return HELD_MESSAGES_OF_MAX_SIZE * settings().max_message_bytes
+
+
+# What a worker's consumer holds at most, in bodies delivered and not yet acknowledged: room for
+# eight of the largest allowed messages (64 MiB by default), whatever the prefetch count.
+HELD_MESSAGES_OF_MAX_SIZE = 8
+# Up to ARGV[1] more messages from the list, while their bytes stay within ARGV[2] (the last one
+# taken may pass it): one round trip, bounded memory.
+POP_WITHIN = """
+local taken, bytes = {}, 0
+for i = 1, tonumber(ARGV[1]) do
+  if bytes >= tonumber(ARGV[2]) then break end
+  local item = redis.call('RPOP', KEYS[1])
+  if not item then break end
+  bytes = bytes + #item
+  taken[#taken + 1] = item
+end
+return taken
+"""
+
+
 class Channel(redis.Channel):
     QoS = QoS
     # The most messages taken from a queue in one read, beside the one BRPOP answered with.
@@ -140,7 +173,8 @@ class Channel(redis.Channel):
 
     def _brpop_read(self, **options):  # noqa: ANN003 - kombu's signature
         """kombu's read of a BRPOP answer, plus: when the consumer has room, up to MORE_PER_READ
-        more messages of the same queue, taken with one RPOP and registered in the `unacked` hash
+        more messages of the same queue (within the bytes it may still hold), taken with one
+        script and registered in the `unacked` hash
         with one pipeline before any is delivered (kombu: a pipeline per message). A busy worker
         then costs three round trips per read instead of two per message. The messages taken
         but not yet registered when the broker goes away are remembered (handed back later)."""
@@ -169,9 +203,12 @@ class Channel(redis.Channel):
             self._flush_brpop_reauth()
 
     def _pop_more(self, key: bytes, count: int, taken: list[dict]) -> list[dict]:
+        budget = held_limit() - self.qos.held_bytes() - len(dumps(taken[0]))
+        if budget <= 0:
+            return []
         try:
-            items = self.client.rpop(key, count)
-        except redis.redis.ResponseError:  # a server before Redis 6.2: RPOP takes no count
+            items = self.client.eval(POP_WITHIN, 1, key, count, budget)
+        except redis.redis.ResponseError:  # no scripting on this server: one message per read, as kombu
             self._pop_many = False
             return []
         except Exception:

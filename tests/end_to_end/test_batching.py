@@ -5,7 +5,9 @@ transaction share its start time (`now()`)."""
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 import uuid
 from decimal import Decimal
 from typing import Any, Iterator
@@ -270,3 +272,34 @@ def test_a_batch_that_creates_and_then_uses_an_invoice_and_meets_a_natural_key_t
     assert transactions_of(tenant, [b["messageId"] for b in (create, issue, shipped, again)]) == 1
     invoice = invoice_json(tenant, "B-1")
     assert (invoice["status"], invoice["amountPaid"], invoice["balance"]) == ("PartiallyPaid", "5.00", "15.00")
+
+
+@pytest.mark.skipif(os.environ.get("BROKER_URL", "").startswith("amqp"),
+                    reason="the byte bound is the Redis transport's (RabbitMQ bounds prefetch by count only)")
+def test_what_the_consumer_holds_is_bounded_in_bytes_not_only_by_the_prefetch_count(running, batch_worker):
+    """Batching raises the prefetch count to 2 × APPLY_BATCH_SIZE per pool process; with bodies near
+    MAX_MESSAGE_BYTES, the consumer still holds at most 8 × MAX_MESSAGE_BYTES of them."""
+    import redis
+
+    tenant = new_tenant("t-bytes")
+    held = issued_invoice(tenant)
+    blocked = batch_worker.send("invoices.record_payment", payment(tenant, held["invoiceNumber"], "1.00"))
+    padded = [batch_worker.send("invoices.record_payment", payment(tenant, held["invoiceNumber"], "1.00",
+                                                                   notes="x" * 900_000)) for _ in range(40)]
+    broker = redis.Redis.from_url(batch_worker.url)
+    with psycopg.connect(database_conninfo()) as blocker:
+        blocker.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (held["id"],))
+        batch_worker.start(APPLY_BATCH_SIZE="100", MAX_MESSAGE_BYTES=str(1024 * 1024))
+        wait_for(lambda: waiting_on_locks() >= 1, 20, what="the first batch to block on the invoice lock")
+        time.sleep(1)  # time to take more, if nothing bounded it
+        holding = broker.hlen("unacked")
+        queued = broker.llen("invoices.payments")
+        blocker.rollback()
+    # 8 MiB of ~0.9 MB bodies, plus at most two read past the bound (the BRPOP answer and the last of
+    # its read); without the bound all 41 are taken at once (prefetch 200).
+    assert 1 <= holding <= 12, holding
+    assert queued >= 41 - holding
+    assert wait_outcome(tenant, blocked["messageId"], timeout=60)["outcome"] == "applied"
+    for body in padded:  # notes beyond the schema's limit: each dead-lettered, none lost
+        assert wait_for(lambda b=body: dead_letters_of(b["messageId"]), 60, what="the dead letter")[0]["reason"] in (
+            "malformed", "too-large")
