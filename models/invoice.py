@@ -90,7 +90,10 @@ class Invoice(InvoiceLifecycle, InvoicePayments, Base):
         back_populates="invoice", cascade="all, delete-orphan", order_by=Payment.created_at,
     )
 
-    __mapper_args__ = {"version_id_col": version}
+    # `version` counts the changes of the invoice (the unit of work adds one per change, bulk import
+    # in its UPDATE). It is not SQLAlchemy's version_id_col: every change already holds the row's lock
+    # (SELECT … FOR UPDATE), so the optimistic check could never fail, and with it SQLAlchemy sends
+    # one UPDATE per invoice instead of one executemany for a batch's invoices (worker/batching.py).
 
     # ----------------------------------------------------------------- events
 

@@ -367,6 +367,8 @@ class UnitOfWork:
                 self.emit(event.type, event.data, invoice)
                 events.append({"type": event.type, "sequence": invoice.event_sequence})
             invoice.pending_events.clear()
+            if events and status_before is not None:  # one more version of an invoice that existed
+                invoice.version += 1
             if events:  # a change: kept in the history for good
                 self._history.append(history_row(invoice, events, status_before, message_id=self.message_id,
                                                  causation_id=self.causation_id, task=self.task))
