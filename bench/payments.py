@@ -126,25 +126,29 @@ def publish_payments_until_applied(env: Environment, bodies: list[dict[str, Any]
 
 
 def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
-               worker_env: dict[str, str] | None = None) -> dict[str, float]:
-    """From the first publish to the last event published, with the relay running."""
-    proc, rel = worker(concurrency, worker_env), relay()
+               worker_env: dict[str, str] | None = None, nodes: int = 1) -> dict[str, float]:
+    """From the first publish to the last event published, with the relay running (and `nodes`
+    worker nodes of `concurrency` pool processes each)."""
+    procs = [worker(concurrency, worker_env) for _ in range(nodes)]
+    rel = relay()
     try:
-        with PeakMemory(proc) as memory:
+        with PeakMemory(*procs) as memory:
             started = publish_payments_until_applied(env, bodies)
             done = wait(lambda: env.sql("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0] == 0, 120)
         return {"rate": len(bodies) / (done - started), "seconds": done - started, "pss_mb": memory.mb, "rss_mb": memory.rss_mb}
     finally:
         rel.stop()
-        proc.stop()
+        for each in procs:
+            each.stop()
 
 
-def duplicates(env: Environment, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+def duplicates(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
+               worker_env: dict[str, str] | None = None) -> dict[str, float]:
     """The same messages again: each is recognised by its messageId and changes nothing."""
     ids = [b["messageId"] for b in bodies]
     caused = "SELECT count(*) FROM outbox WHERE causation_id = ANY(%s)"
     before = env.sql(caused, (ids,))[0][0]
-    proc = worker(concurrency)
+    proc = worker(concurrency, worker_env)
     try:
         with PeakMemory(proc) as memory:
             started = time.monotonic()
@@ -156,7 +160,8 @@ def duplicates(env: Environment, bodies: list[dict[str, Any]], concurrency: int)
         proc.stop()
 
 
-def latency(env: Environment, numbers: list[str], rate: int, seconds: float, concurrency: int) -> dict[str, float]:
+def latency(env: Environment, numbers: list[str], rate: int, seconds: float, concurrency: int,
+            worker_env: dict[str, str] | None = None) -> dict[str, float]:
     """At a steady rate: publish time to the arrival of its payment.recorded event in a queue bound
     to invoices.events (declared with kombu; read with BRPOP directly on Redis and with a plain py-amqp
     consumer on RabbitMQ, since kombu's synchronous consumer in this process would itself become the
@@ -169,7 +174,7 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
 
     from worker.celery_app import app
 
-    proc, rel = worker(concurrency), relay()
+    proc, rel = worker(concurrency, worker_env), relay()
     name = f"bench-latency-{uuid.uuid4().hex[:6]}"
     with Connection(env.broker_url) as conn:
         Queue(name, Exchange("invoices.events", type="topic", durable=True), routing_key="payment.recorded",

@@ -19,13 +19,16 @@ from bench.harness import Environment, relay, worker
 from bench.payments import payment_bodies, publish_payments_until_applied
 
 # (label, a frame that marks it): a sample counts for every stop whose frame is on its stack.
+# Micro-batching is on (the default): the pool processes run worker/batching.py's apply_batch.
 STOPS = [
-    ("the task, from the pool's view", "trace_task (celery/app/trace.py"),
-    ("  parse the body (pydantic)", "parse (worker/handling.py"),
-    ("  claim the messageId (inbox)", "UnitOfWork.claim"),
-    ("  find and lock the invoice (ORM load)", "UnitOfWork.find"),
-    ("  the domain operation", "InvoicePayments.record_payment"),
-    ("  commit: ORM flush, inbox outcome, outbox, COMMIT", "UnitOfWork.commit"),
+    ("a batch, from the pool's view", "apply_batch (worker/batching.py"),
+    ("  parse the bodies (pydantic)", "_prepare (worker/batching.py"),
+    ("  claim the batch's messageIds (one statement)", "_claim (worker/batching.py"),
+    ("  load and lock the batch's invoices (one statement, ORM)", "_load_and_lock (worker/batching.py"),
+    ("  the domain operations", "InvoicePayments.record_payment"),
+    ("  ORM flush: invoices (one executemany), payments (one insert)", "Session.flush ("),
+    ("  COMMIT", "Session.commit ("),
+    ("  log line and metrics of each message", "_report (worker/batching.py"),
 ]
 # Leaf frames in which a process waits on PostgreSQL (or for a core to run on).
 DATABASE_WAIT = ("psycopg/connection.py", "psycopg/_cursor_base.py", "psycopg/_connection_base.py")
@@ -64,13 +67,13 @@ def run(env: Environment, numbers: list[str], count: int, concurrency: int) -> l
     rows = [(label, f"{pool[frame] / total:.0%}", "") for label, frame in STOPS]
     rows.append(("  of all that: runnable inside psycopg's send or wait", f"{pool['wait'] / total:.0%}",
                  "a process blocked on the server is idle and not sampled, so this is mostly waiting for a core"))
-    rows.append(("the pool's own work outside the task", f"{(total - pool[STOPS[0][1]]) / total:.0%}",
-                 "receiving the request from the main process, returning the result"))
+    rows.append(("the pool's own work outside the batch", f"{(total - pool[STOPS[0][1]]) / total:.0%}",
+                 "receiving the batch from the main process, returning what to acknowledge"))
     busy = total / (len(pids) - 1) / 100 / seconds
     rows.append(("pool processes busy", f"{busy:.0%}", f"{count:,} messages in {seconds:.1f} s; the rest is idle, "
                  "blocked on PostgreSQL's reply or on the next message"))
     rows.append(("the main process busy", f"{main_samples['total'] / 100 / seconds:.0%}",
-                 "fetching from Redis, handing messages to the pool, acknowledging"))
+                 "fetching from the broker, gathering batches, handing them to the pool, acknowledging"))
     return rows
 
 

@@ -141,8 +141,10 @@ def relay_process(tmp_path: Path, env: dict[str, str] | None = None) -> subproce
 
 
 def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_event_ids(paused_shared_relay, events, tmp_path):
-    event_ids = outbox_rows(3000)
-    relay = relay_process(tmp_path)
+    event_ids = outbox_rows(5000)
+    # Small batches: a batch is one round trip to Redis, and with 500 a relay publishes 5,000 events
+    # before this test could kill it.
+    relay = relay_process(tmp_path, {"RELAY_BATCH_SIZE": "5"})
     try:
         events.drain(lambda e: len(e) >= 100, timeout=30)
         relay.send_signal(signal.SIGKILL)

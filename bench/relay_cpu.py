@@ -1,0 +1,39 @@
+"""The relay's CPU per event, publishing one event at a time (kombu's Producer.publish) and in
+pipelined batches (one round trip per batch on Redis), side by side on the same outbox rows."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import psycopg
+from kombu import Connection, Exchange, Producer, Queue
+
+from bench.harness import Environment
+
+
+def run(env: Environment, count: int) -> dict[str, dict[str, float]]:
+    from worker.relay import EVENTS_EXCHANGE, Relay, broker_connection
+
+    name = f"bench-relay-{uuid.uuid4().hex[:6]}"
+    with Connection(env.broker_url) as conn:  # one consumer queue bound to every event, as in production
+        Queue(name, Exchange(EVENTS_EXCHANGE.name, type="topic", durable=True), routing_key="#",
+              durable=False)(conn.default_channel).declare()
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for label, pipeline in (("one publish per event", False), ("pipelined batches", True)):
+            env.sql("UPDATE outbox SET published_at = NULL WHERE id IN "
+                    "(SELECT id FROM outbox WHERE parked_at IS NULL ORDER BY id DESC LIMIT %s)", (count,))
+            relay = Relay(env.database_url, env.broker_url, pipeline=pipeline)
+            with psycopg.connect(relay.conninfo) as db, broker_connection(env.broker_url) as broker:
+                producer = Producer(broker.default_channel)
+                cpu, began = time.process_time(), time.monotonic()
+                while relay.publish_batch(db, producer):
+                    pass
+                cpu, seconds = time.process_time() - cpu, time.monotonic() - began
+            results[label] = {"cpu_us": cpu / relay.published * 1e6, "rate": relay.published / seconds,
+                              "events": relay.published}
+    finally:
+        with Connection(env.broker_url) as conn:
+            conn.default_channel.queue_delete(name)
+    return results
