@@ -26,8 +26,10 @@ def _first_free_after(start: str) -> str:
             SELECT {start} + 1
             UNION ALL
             SELECT probe.value + 1 FROM probe
-            WHERE EXISTS (SELECT FROM invoices WHERE tenant_id = CAST(:tenant AS varchar) AND invoice_number = {number})
-               OR EXISTS (SELECT FROM deleted_invoices WHERE tenant_id = CAST(:tenant AS varchar) AND invoice_number = {number})
+            WHERE EXISTS (SELECT FROM invoices
+                          WHERE tenant_id = CAST(:tenant AS varchar) AND invoice_number = {number})
+               OR EXISTS (SELECT FROM deleted_invoices
+                          WHERE tenant_id = CAST(:tenant AS varchar) AND invoice_number = {number})
         )
         SELECT max(value) FROM probe)"""
 

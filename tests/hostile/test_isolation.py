@@ -57,11 +57,11 @@ def test_the_retry_scan_goes_past_a_payment_it_cannot_retry(running):
     from worker.unit_of_work import derived_id
 
     tenant = new_tenant("t-scan")
-    (first_invoice, first), (second_invoice, second) = failed_saved_card_payment(tenant), failed_saved_card_payment(tenant)
+    (first_invoice, first), (second_invoice, second) = (failed_saved_card_payment(tenant) for _ in range(2))
     with db.engine().begin() as conn:
-        keys = {public: conn.exec_driver_sql("SELECT id FROM payments WHERE invoice_id = %(invoice)s "
-                                             "AND payment_id = %(public)s",
-                                             {"invoice": uuid.UUID(invoice["id"]), "public": uuid.UUID(public)}).scalar_one()
+        keys = {public: conn.exec_driver_sql(
+                    "SELECT id FROM payments WHERE invoice_id = %(invoice)s AND payment_id = %(public)s",
+                    {"invoice": uuid.UUID(invoice["id"]), "public": uuid.UUID(public)}).scalar_one()
                 for invoice, public in ((first_invoice, first), (second_invoice, second))}
         conn.exec_driver_sql(
             "INSERT INTO payments (id, payment_id, invoice_id, status, amount, currency, attempt, created_at) "

@@ -46,18 +46,21 @@ def test_two_tenants_may_start_payments_with_the_same_id_and_each_pays_its_own(r
     assert (a_payment["status"], a_payment["amount"]) == ("Pending", "42.60")
 
     # Each completes independently: A's callback pays A's invoice and leaves B's payment Pending.
-    assert deliver(callback(tenant_a, invoice_a["invoiceNumber"], shared, "Approved", amount="42.60"))["outcome"] == "applied"
+    approved = callback(tenant_a, invoice_a["invoiceNumber"], shared, "Approved", amount="42.60")
+    assert deliver(approved)["outcome"] == "applied"
     assert payment_of(tenant_a, invoice_a["invoiceNumber"], shared)["status"] == "Completed"
     assert invoice_json(tenant_a, invoice_a["invoiceNumber"])["balance"] == "100.00"
     assert payment_of(tenant_b, invoice_b["invoiceNumber"], shared) == b_before
     assert invoice_json(tenant_b, invoice_b["invoiceNumber"])["balance"] == "142.60"
 
-    assert deliver(callback(tenant_b, invoice_b["invoiceNumber"], shared, "Declined", amount=None))["outcome"] == "applied"
+    declined = callback(tenant_b, invoice_b["invoiceNumber"], shared, "Declined", amount=None)
+    assert deliver(declined)["outcome"] == "applied"
     assert payment_of(tenant_b, invoice_b["invoiceNumber"], shared)["status"] == "Failed"
     assert payment_of(tenant_a, invoice_a["invoiceNumber"], shared)["status"] == "Completed"
 
     # Nothing tenant A was told or can read names tenant B or B's invoice.
-    told_a = json.dumps([mine, again, events_of(tenant_a), invoice_json(tenant_a, invoice_a["invoiceNumber"])], default=str)
+    told_a = json.dumps([mine, again, events_of(tenant_a), invoice_json(tenant_a, invoice_a["invoiceNumber"])],
+                        default=str)
     for secret in (tenant_b, invoice_b["id"]):
         assert secret not in told_a
     assert shared in told_a  # A's own payment, under the id A chose
