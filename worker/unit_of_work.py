@@ -141,7 +141,7 @@ class Preloaded:
     def __init__(self, invoices: list[Invoice], payment_ids: set[tuple[uuid.UUID, uuid.UUID]] | None = None) -> None:
         self._by_id = {(i.tenant_id, i.id): i for i in invoices}
         self._by_number = {(i.tenant_id, i.invoice_number): i for i in invoices}
-        # (invoice id, payment id) of every payment these invoices had when the batch began, read
+        # (invoice id, public payment id) of every payment these invoices had when the batch began, read
         # without loading the payments themselves; None when the batch did not read them.
         self.payment_ids = payment_ids
 
@@ -225,7 +225,7 @@ class UnitOfWork:
         if self.preloaded is not None and self.preloaded.payment_ids is not None and inspect(invoice).persistent:
             if (invoice.id, payment_id) in self.preloaded.payment_ids:
                 return True
-            return any(p.id == payment_id for p in invoice.new_rows)
+            return any(p.payment_id == payment_id for p in invoice.new_rows)
         return invoice.payment(payment_id) is not None
 
     def find_by_id(self, invoice_id: uuid.UUID) -> Invoice | None:
