@@ -202,7 +202,13 @@ class Invoice(InvoiceLifecycle, InvoicePayments, Base):
             )
 
     def payment(self, payment_id: uuid.UUID) -> Payment | None:
-        return next((p for p in self.payments if p.id == payment_id), None)
+        """The invoice's payment by its public id (the contract's `paymentId`): a publisher's id
+        means something only within the invoice its message names."""
+        return next((p for p in self.payments if p.payment_id == payment_id), None)
+
+    def payment_by_key(self, key: uuid.UUID) -> Payment | None:
+        """The invoice's payment by the worker's own key (`Payment.id`, what `retry_of` holds)."""
+        return next((p for p in self.payments if p.id == key), None)
 
     # ----------------------------------------------------------------- serialisation
 

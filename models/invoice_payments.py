@@ -125,7 +125,7 @@ class InvoicePayments:
         payment.transaction_id = transaction_id or payment.transaction_id
         payment.provider = provider or payment.provider
         self._touch(now)
-        self._record("payment.failed", paymentId=str(payment.id), failureCode=failure_code, failureReason=failure_reason,
+        self._record("payment.failed", paymentId=str(payment.payment_id), failureCode=failure_code, failureReason=failure_reason,
                      amount=format_money(payment.amount, self.currency), attempt=payment.attempt, **self._totals())
         self._schedule_retry(payment, retry_after, hard_decline_codes)
         return True
@@ -137,16 +137,16 @@ class InvoicePayments:
             return
         if payment.failure_code in hard or payment.attempt >= len(retry_after):
             reason = "hard-decline" if payment.failure_code in hard else "schedule-spent"
-            self._record("payment.retries_exhausted", paymentId=str(payment.id), attempts=payment.attempt,
+            self._record("payment.retries_exhausted", paymentId=str(payment.payment_id), attempts=payment.attempt,
                          reason=reason, failureCode=payment.failure_code, **self._totals())
             return
         first_failure = self._first_attempt(payment).failed_at or payment.failed_at
         payment.next_retry_at = first_failure + retry_after[payment.attempt]
 
     def _first_attempt(self: "Invoice", payment: Payment) -> Payment:
-        by_id = {p.id: p for p in self.payments}
-        while payment.retry_of is not None and payment.retry_of in by_id:
-            payment = by_id[payment.retry_of]
+        by_key = {p.id: p for p in self.payments}
+        while payment.retry_of is not None and payment.retry_of in by_key:
+            payment = by_key[payment.retry_of]
         return payment
 
     def request_retry(self: "Invoice", failed: Payment, new_payment_id: uuid.UUID, now: datetime | None = None) -> Payment | None:
@@ -161,10 +161,11 @@ class InvoicePayments:
         amount = min(self.balance, original.requested_amount or original.amount)
         retry = self._add_payment(payment_id=new_payment_id, amount=amount, status=P.PENDING,
                                   payment_profile_id=failed.payment_profile_id, provider=failed.provider, now=now)
-        retry.retry_of = failed.id
+        retry.retry_of = failed.id  # the internal key: a publisher's id never reaches it
         retry.attempt = failed.attempt + 1
         self._touch(now)
-        self._record("payment.retry_requested", paymentId=str(retry.id), retryOf=str(failed.id), attempt=retry.attempt,
+        self._record("payment.retry_requested", paymentId=str(retry.payment_id), retryOf=str(failed.payment_id),
+                     attempt=retry.attempt,
                      amount=format_money(amount, self.currency), paymentProfileId=failed.payment_profile_id,
                      **self._totals())
         return retry
@@ -194,7 +195,7 @@ class InvoicePayments:
         payment.refunds.append(refund)
         self._add_paid(-value)
         self._touch(now)
-        self._record("payment.refunded", paymentId=str(payment.id), refundId=str(refund_id),
+        self._record("payment.refunded", paymentId=str(payment.payment_id), refundId=str(refund_id),
                      amount=format_money(value, self.currency),
                      refundedAmount=format_money(payment.refunded_amount, self.currency), **self._totals())
         self._follow_balance()
@@ -216,11 +217,12 @@ class InvoicePayments:
 
     def _add_payment(self: "Invoice", *, payment_id: uuid.UUID, amount: Decimal, status: str, now: datetime,
                      **fields: Any) -> Payment:
-        """A new payment row. Its id is fresh (derived from the messageId, or checked by the caller).
-        Joining it through `invoice` does not read the invoice's other payments; the unit of work
-        saves it from `new_rows`."""
-        payment = Payment(id=payment_id, invoice_id=self.id, amount=amount, currency=self.currency, status=str(status),
-                          attempt=0, created_at=now, refunds=[], **fields)
+        """A new payment row. Its public id is new on this invoice (derived from the messageId, or
+        checked by the caller); its internal key is the worker's own, minted here so that a retry can
+        name it before the row is flushed. Joining it through `invoice` does not read the invoice's
+        other payments; the unit of work saves it from `new_rows`."""
+        payment = Payment(id=uuid.uuid4(), payment_id=payment_id, invoice_id=self.id, amount=amount,
+                          currency=self.currency, status=str(status), attempt=0, created_at=now, refunds=[], **fields)
         payment.invoice = self
         self.new_rows.append(payment)
         return payment
@@ -237,7 +239,7 @@ class InvoicePayments:
         self._add_paid(payment.amount)
         self._touch(now)
         self._record(
-            "payment.recorded", paymentId=str(payment.id), amount=format_money(payment.amount, self.currency),
+            "payment.recorded", paymentId=str(payment.payment_id), amount=format_money(payment.amount, self.currency),
             requestedAmount=format_money(requested, self.currency) if requested is not None else None,
             differsFromRequested=requested is not None, paymentMethod=payment.payment_method,
             transactionId=payment.transaction_id, overpaid=self.balance < 0, **self._totals(),

@@ -8,7 +8,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Date, DateTime, ForeignKey, Index, Integer, Numeric, String, Text, Uuid, text
+from sqlalchemy import Date, DateTime, ForeignKey, Index, Integer, Numeric, String, Text, UniqueConstraint, Uuid, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from models.base import Base, utcnow
@@ -32,9 +32,16 @@ class Payment(Base):
         # The retry scan finds due retries with one indexed query (CONTRACT.md section 8).
         Index("ix_payments_retry_due", "next_retry_at", postgresql_where=text("next_retry_at IS NOT NULL")),
         Index("ix_payments_invoice_id", "invoice_id"),
+        # The public id is the publisher's choice: unique within its invoice only, so one tenant's
+        # choice can never collide with (or reveal) another tenant's payment.
+        UniqueConstraint("invoice_id", "payment_id", name="uq_payments_invoice_id_payment_id"),
     )
 
-    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    # The worker's own key, never published: what refunds and retries (`retry_of`) point at.
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    # The contract's `paymentId`: chosen by the publisher (start_hosted_payment) or derived by the
+    # worker (record_payment, scheduled retries); found through its invoice, never alone.
+    payment_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"))
     status: Mapped[str] = mapped_column(String(16))
     amount: Mapped[Decimal] = mapped_column(MONEY)
@@ -52,7 +59,8 @@ class Payment(Base):
     transaction_id: Mapped[str | None] = mapped_column(String(200))
     failure_code: Mapped[str | None] = mapped_column(String(200))
     failure_reason: Mapped[str | None] = mapped_column(Text)
-    # The failed attempt this one retries, and which attempt of the schedule it is (0 = the original).
+    # The failed attempt this one retries (its internal id), and which attempt of the schedule it
+    # is (0 = the original).
     retry_of: Mapped[uuid.UUID | None] = mapped_column(Uuid, unique=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     # When a Failed attempt is due for its next scheduled retry; NULL when none is planned.
@@ -81,10 +89,12 @@ class Payment(Base):
     def is_final(self) -> bool:
         return self.status in (PaymentStatus.COMPLETED, PaymentStatus.FAILED)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, retried: Payment | None = None) -> dict[str, Any]:
+        """The payment as the contract shows it, under its public id; `retried` is the attempt
+        this one retries (the invoice finds it by `retry_of`)."""
         c = self.currency
         return {
-            "paymentId": str(self.id),
+            "paymentId": str(self.payment_id),
             "status": self.status,
             "amount": format_money(self.amount, c),
             "requestedAmount": format_money(self.requested_amount, c) if self.requested_amount is not None else None,
@@ -100,7 +110,7 @@ class Payment(Base):
             "transactionId": self.transaction_id,
             "failureCode": self.failure_code,
             "failureReason": self.failure_reason,
-            "retryOf": str(self.retry_of) if self.retry_of else None,
+            "retryOf": str(retried.payment_id) if retried is not None else None,
             "attempt": self.attempt,
             "nextRetryAt": self.next_retry_at.isoformat() if self.next_retry_at else None,
             "refundedAmount": format_money(self.refunded_amount, c),
@@ -108,7 +118,7 @@ class Payment(Base):
             "createdAt": self.created_at.isoformat() if self.created_at else None,
             "completedAt": self.completed_at.isoformat() if self.completed_at else None,
             "failedAt": self.failed_at.isoformat() if self.failed_at else None,
-            "refunds": [r.to_json(c) for r in self.refunds],
+            "refunds": [r.to_json(c, self.payment_id) for r in self.refunds],
         }
 
 
@@ -116,6 +126,7 @@ class Refund(Base):
     __tablename__ = "refunds"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    # The refunded payment's internal id (Payment.id); its public id is Payment.payment_id.
     payment_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("payments.id", ondelete="CASCADE"), index=True)
     amount: Mapped[Decimal] = mapped_column(MONEY)
     reference_number: Mapped[str | None] = mapped_column(String(200))
@@ -124,10 +135,10 @@ class Refund(Base):
 
     payment: Mapped[Payment] = relationship(back_populates="refunds")
 
-    def to_json(self, currency: str) -> dict[str, Any]:
+    def to_json(self, currency: str, public_payment_id: uuid.UUID) -> dict[str, Any]:
         return {
             "refundId": str(self.id),
-            "paymentId": str(self.payment_id),
+            "paymentId": str(public_payment_id),
             "amount": format_money(self.amount, currency),
             "referenceNumber": self.reference_number,
             "reason": self.reason,

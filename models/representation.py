@@ -44,7 +44,7 @@ def invoice_json(invoice: "Invoice") -> dict[str, Any]:
         "amountPaid": amount(invoice.amount_paid),
         "balance": amount(invoice.balance),
         "isActive": invoice.is_active,
-        "payments": [p.to_json() for p in invoice.payments],
+        "payments": [p.to_json(invoice.payment_by_key(p.retry_of) if p.retry_of else None) for p in invoice.payments],
         "version": invoice.version,
         "createdAt": invoice.created_at.isoformat() if invoice.created_at else None,
         "updatedAt": invoice.updated_at.isoformat() if invoice.updated_at else None,

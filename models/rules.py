@@ -35,9 +35,15 @@ CONTENT_FIELDS = frozenset({
 NET_TERMS = re.compile(r"^net\s*(\d{1,4})$", re.IGNORECASE)
 
 
+# The tenant's generated invoice numbers: INV-00001, INV-00002, ..., INV-99999, INV-100000 (the
+# digits are padded to five, never cut). worker/invoice_numbers.py computes the same in SQL.
+INVOICE_NUMBER_PREFIX = "INV-"
+INVOICE_NUMBER_DIGITS = 5
+
+
 def invoice_number_for(sequence: int) -> str:
-    """The tenant's generated invoice numbers: INV-00001, INV-00002, ..."""
-    return f"INV-{sequence:05d}"
+    """The tenant's generated invoice number of a sequence value: INV-00001, INV-00002, ..."""
+    return f"{INVOICE_NUMBER_PREFIX}{sequence:0{INVOICE_NUMBER_DIGITS}d}"
 
 
 def due_date_from_terms(invoice_date: date, payment_terms: str | None) -> date | None:

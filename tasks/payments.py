@@ -50,7 +50,7 @@ def record_offline_payment(uow: UnitOfWork, message: RecordPayment) -> Outcome:
         "card_brand", "card_last_four", "status",
     })
     payment = invoice.record_payment(payment_id=payment_id, **fields)
-    return applied(message, invoice, paymentId=str(payment.id))
+    return applied(message, invoice, paymentId=str(payment.payment_id))
 
 
 @app.task(name="invoices.start_hosted_payment", base=InvoiceTask, bind=True)

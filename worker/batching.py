@@ -491,9 +491,9 @@ def _load_and_lock(session: Session, items: list[Item]) -> Preloaded:
     if any(item.entry.task not in RECORDS_ONLY for item in items):
         return Preloaded(list(session.scalars(query.options(selectinload(Invoice.payments)))))
     invoices = list(session.scalars(query))
-    rows = session.connection().execute(select(PAYMENTS.c.invoice_id, PAYMENTS.c.id).where(
+    rows = session.connection().execute(select(PAYMENTS.c.invoice_id, PAYMENTS.c.payment_id).where(
         PAYMENTS.c.invoice_id.in_([invoice.id for invoice in invoices]))) if invoices else []
-    return Preloaded(invoices, {(row.invoice_id, row.id) for row in rows})
+    return Preloaded(invoices, {(row.invoice_id, row.payment_id) for row in rows})
 
 
 def _record_row(item: Item) -> dict[str, Any]:

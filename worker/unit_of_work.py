@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session
 
 from models.errors import DomainError, InvoiceNotYetKnown
 from models.invoice import Invoice
-from models.rules import invoice_number_for
 from worker.config import settings
-from worker.records import DeletedInvoice, InboxMessage, InvoiceHistory, InvoiceNumberSequence, InvoiceWait, OutboxEvent
+from worker.invoice_numbers import NEXT_NUMBER
+from worker.records import DeletedInvoice, InboxMessage, InvoiceHistory, InvoiceWait, OutboxEvent
 
 
 @dataclass
@@ -141,7 +141,7 @@ class Preloaded:
     def __init__(self, invoices: list[Invoice], payment_ids: set[tuple[uuid.UUID, uuid.UUID]] | None = None) -> None:
         self._by_id = {(i.tenant_id, i.id): i for i in invoices}
         self._by_number = {(i.tenant_id, i.invoice_number): i for i in invoices}
-        # (invoice id, payment id) of every payment these invoices had when the batch began, read
+        # (invoice id, public payment id) of every payment these invoices had when the batch began, read
         # without loading the payments themselves; None when the batch did not read them.
         self.payment_ids = payment_ids
 
@@ -225,7 +225,7 @@ class UnitOfWork:
         if self.preloaded is not None and self.preloaded.payment_ids is not None and inspect(invoice).persistent:
             if (invoice.id, payment_id) in self.preloaded.payment_ids:
                 return True
-            return any(p.id == payment_id for p in invoice.new_rows)
+            return any(p.payment_id == payment_id for p in invoice.new_rows)
         return invoice.payment(payment_id) is not None
 
     def find_by_id(self, invoice_id: uuid.UUID) -> Invoice | None:
@@ -309,23 +309,11 @@ class UnitOfWork:
         return invoice
 
     def next_invoice_number(self) -> str:
-        """The next number of the tenant's gap-free sequence. The counter row stays locked until
-        commit, and a rolled-back transaction gives its number back. Numbers that an import or a
-        publisher already took are skipped, and so are deleted invoices' numbers (never used again)."""
-        while True:
-            value = self.session.execute(
-                insert(InvoiceNumberSequence)
-                .values(tenant_id=self.tenant_id, last_value=1)
-                .on_conflict_do_update(index_elements=["tenant_id"],
-                                       set_={"last_value": InvoiceNumberSequence.last_value + 1})
-                .returning(InvoiceNumberSequence.last_value)
-            ).scalar_one()
-            number = invoice_number_for(value)
-            taken = self.session.scalar(
-                select(Invoice.id).where(Invoice.tenant_id == self.tenant_id, Invoice.invoice_number == number)
-            )
-            if taken is None and self.tombstone(InvoiceAddress(invoice_number=number)) is None:
-                return number
+        """The next number of the tenant's gap-free sequence, in one statement. The counter row stays
+        locked until commit, and a rolled-back transaction gives its number back. Numbers that an
+        import or a publisher already took are skipped, and so are deleted invoices' numbers (never
+        used again)."""
+        return self.session.execute(NEXT_NUMBER, {"tenant": self.tenant_id}).scalar_one()
 
     # ----------------------------------------------------------------- outbox and commit
 

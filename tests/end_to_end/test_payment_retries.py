@@ -74,7 +74,7 @@ def test_beat_retries_on_schedule_for_the_capped_balance_until_spent_then_exhaus
     assert command("invoices.fail_payment", tenant, number, paymentId=first_id, failureCode="05",
                    failureReason="do not honour")["outcome"] == "applied"
     [first] = attempts(invoice["id"])
-    assert first.id == uuid.UUID(first_id)
+    assert first.payment_id == uuid.UUID(first_id)
     schedule = retry_policy()["retry_after"]
     assert len(schedule) == 3
     start_beat(processes, tmp_path)
@@ -86,7 +86,7 @@ def test_beat_retries_on_schedule_for_the_capped_balance_until_spent_then_exhaus
         assert (retry.status, retry.retry_of, retry.payment_profile_id) == ("Pending", previous.id, "card-1")
         assert str(retry.amount) == "100.0000"  # the balance, capped by the first attempt's 142.60
         assert retry.created_at >= first.failed_at + due_after, "a retry was requested before it was due"
-        declined = deliver(callback(tenant, number, str(retry.id), "Declined", amount=None, code="05"))
+        declined = deliver(callback(tenant, number, str(retry.payment_id), "Declined", amount=None, code="05"))
         assert declined["outcome"] == "applied"
         previous = retry
     events.wait(lambda e: bool(of_invoice(events, invoice, "payment.retries_exhausted")), 60,
@@ -97,14 +97,15 @@ def test_beat_retries_on_schedule_for_the_capped_balance_until_spent_then_exhaus
     assert [(p.attempt, p.status) for p in rows] == [(0, "Failed"), (1, "Failed"), (2, "Failed"), (3, "Failed")]
     assert all(p.next_retry_at is None for p in rows)
     requested = of_invoice(events, invoice, "payment.retry_requested")
-    assert [(e["data"]["attempt"], e["data"]["retryOf"], e["data"]["amount"]) for e in requested] == [
-        (p.attempt, str(p.retry_of), "100.00") for p in rows[1:]]
+    public_id = {p.id: str(p.payment_id) for p in rows}  # retry_of holds the internal key; events the public id
+    assert [(e["data"]["paymentId"], e["data"]["attempt"], e["data"]["retryOf"], e["data"]["amount"])
+            for e in requested] == [(str(p.payment_id), p.attempt, public_id[p.retry_of], "100.00") for p in rows[1:]]
     assert {e["data"]["paymentProfileId"] for e in requested} == {"card-1"}
     assert len(of_invoice(events, invoice, "payment.failed")) == 4
     exhausted = of_invoice(events, invoice, "payment.retries_exhausted")
     assert len(exhausted) == 1
     assert (exhausted[0]["data"]["reason"], exhausted[0]["data"]["attempts"]) == ("schedule-spent", 3)
-    assert exhausted[0]["data"]["paymentId"] == str(rows[-1].id)
+    assert exhausted[0]["data"]["paymentId"] == str(rows[-1].payment_id)
 
 
 def scans_sent(beat) -> int:

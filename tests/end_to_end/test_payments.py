@@ -319,7 +319,7 @@ def test_retries_stop_after_the_last_scheduled_day_with_one_exhausted_event(runn
         assert scheduler.retry_failed_payments(f"scan-{attempt}", now=far_future)["requested"] == 1
         retry = attempts(invoice["id"])[-1]
         assert retry.retry_of == current.id and retry.attempt == attempt
-        deliver(callback(tenant, invoice["invoiceNumber"], str(retry.id), "Declined", amount=None, code="05"))
+        deliver(callback(tenant, invoice["invoiceNumber"], str(retry.payment_id), "Declined", amount=None, code="05"))
     far_future = datetime.now(timezone.utc) + timedelta(days=30)
     assert scheduler.retry_failed_payments("after-the-end", now=far_future)["requested"] == 0
     types = outbox_types(invoice["id"])
@@ -341,7 +341,7 @@ def test_an_approved_retry_settles_the_invoice_and_ends_the_retries(running):
     invoice, payment_id = failed_saved_card_payment(tenant)
     scheduler.retry_failed_payments("settle")
     retry = attempts(invoice["id"])[-1]
-    deliver(callback(tenant, invoice["invoiceNumber"], str(retry.id), "Approved", amount="142.60"))
+    deliver(callback(tenant, invoice["invoiceNumber"], str(retry.payment_id), "Approved", amount="142.60"))
     after = invoice_json(tenant, invoice["invoiceNumber"])
     assert (after["status"], after["balance"]) == ("Paid", "0.00")
     assert scheduler.retry_failed_payments("after-paid", now=datetime.now(timezone.utc) + timedelta(days=30)) == {

@@ -55,7 +55,8 @@ def test_run_from_a_folder_without_data_dir_retries_failed_payments(scenario, tm
 
     def retried() -> bool:
         with psycopg.connect(conninfo(scenario.database_url)) as db:
-            return bool(db.execute("SELECT count(*) FROM payments WHERE retry_of = %s", (failed,)).fetchone()[0])
+            return bool(db.execute("SELECT count(*) FROM payments WHERE retry_of IN "
+                                   "(SELECT id FROM payments WHERE payment_id = %s)", (failed,)).fetchone()[0])
 
     wait_for(retried, 60, what="beat's scan to request the retry")
     text = log.read_text()

@@ -48,23 +48,28 @@ def test_an_event_too_large_to_send_is_parked_and_the_others_flow(scenario):
 
 
 def test_the_retry_scan_goes_past_a_payment_it_cannot_retry(running):
-    """Two failed saved-card payments are due; the retry id of the first is already taken (as a
-    crafted message could once take it). The second is still retried."""
+    """Two failed saved-card payments are due; the retry id of the first is already taken on its
+    invoice (a crafted message could once take it; now the id derives from a key no publisher
+    knows, so only a direct insert can). The second is still retried."""
     from tests.conftest import new_tenant
     from tests.end_to_end.test_payments import failed_saved_card_payment
     from worker.scheduler import retry_failed_payments
     from worker.unit_of_work import derived_id
 
     tenant = new_tenant("t-scan")
-    (_, first), (_, second) = failed_saved_card_payment(tenant), failed_saved_card_payment(tenant)
-    taken = derived_id("retry", tenant, first)
+    (first_invoice, first), (second_invoice, second) = (failed_saved_card_payment(tenant) for _ in range(2))
     with db.engine().begin() as conn:
+        keys = {public: conn.exec_driver_sql(
+                    "SELECT id FROM payments WHERE invoice_id = %(invoice)s AND payment_id = %(public)s",
+                    {"invoice": uuid.UUID(invoice["id"]), "public": uuid.UUID(public)}).scalar_one()
+                for invoice, public in ((first_invoice, first), (second_invoice, second))}
         conn.exec_driver_sql(
-            "INSERT INTO payments (id, invoice_id, status, amount, currency, attempt, created_at) "
-            "SELECT %(id)s, invoice_id, 'Pending', 1, 'USD', 0, now() FROM payments WHERE id = %(other)s",
-            {"id": taken, "other": second})
+            "INSERT INTO payments (id, payment_id, invoice_id, status, amount, currency, attempt, created_at) "
+            "SELECT %(id)s, %(taken)s, invoice_id, 'Pending', 1, 'USD', 0, now() FROM payments WHERE id = %(first)s",
+            {"id": uuid.uuid4(), "taken": derived_id("retry", tenant, keys[first]), "first": keys[first]})
     result = retry_failed_payments(f"scan-{uuid.uuid4()}")
     assert result["requested"] == 1
     with db.engine().connect() as conn:
-        retried = conn.exec_driver_sql("SELECT count(*) FROM payments WHERE retry_of = %(id)s", {"id": second}).scalar()
+        retried = conn.exec_driver_sql("SELECT count(*) FROM payments WHERE retry_of = %(key)s",
+                                       {"key": keys[second]}).scalar()
     assert retried == 1

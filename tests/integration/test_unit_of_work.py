@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import threading
 import uuid
+from contextlib import contextmanager
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import OperationalError
 
 from models.invoice import Invoice
 from tasks.messages import OrderShipped, RecordPayment
@@ -106,3 +109,85 @@ def test_a_copy_that_waited_on_the_first_copys_claim_yields_its_outcome(session)
     assert (outcome.outcome, outcome.invoice_number) == ("duplicate", "INV-FIRST")
     assert outcome.extra == {"firstOutcome": "applied", "note": "first"}
     assert count(session, Invoice, Invoice.order_id == "O-waited") == 0  # the second copy changed nothing
+
+
+@contextmanager
+def numbering(tenant: str):
+    """A session of its own and a unit of work of the tenant on it."""
+    from worker import db
+    from worker.unit_of_work import UnitOfWork
+
+    with db.sessions()() as session:
+        yield session, UnitOfWork(session, tenant_id=tenant, message_id=None, task="test")
+
+
+def statements_of(session, call) -> tuple[object, list[str]]:
+    """What call() returns, and the SQL statements it sent on the session's connection."""
+    from sqlalchemy import event
+
+    connection, sent = session.connection(), []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        sent.append(statement)
+
+    event.listen(connection, "before_cursor_execute", seen)
+    try:
+        return call(), sent
+    finally:
+        event.remove(connection, "before_cursor_execute", seen)
+
+
+def test_the_next_number_skips_taken_and_deleted_numbers_in_one_statement(session):
+    """Numbers 1 to 500 are taken (by imports and publishers; one by a deleted invoice's tombstone):
+    the next number is the first free one, found by one statement, and the counter row stays
+    locked until commit; a rollback gives the number back."""
+    from datetime import date
+
+    from sqlalchemy import insert
+
+    from models.rules import invoice_number_for
+    from worker.records import DeletedInvoice, InvoiceNumberSequence
+
+    tenant = "t-num"
+    session.execute(insert(Invoice), [
+        {"id": uuid.uuid4(), "tenant_id": tenant, "invoice_number": invoice_number_for(n), "status": "Draft",
+         "invoice_date": date(2026, 11, 28), "currency": "USD"} for n in range(1, 501) if n != 250])
+    session.execute(insert(Invoice), [  # another tenant's numbers are no obstacle
+        {"id": uuid.uuid4(), "tenant_id": "t-other", "invoice_number": invoice_number_for(501), "status": "Draft",
+         "invoice_date": date(2026, 11, 28), "currency": "USD"}])
+    session.add(DeletedInvoice(invoice_id=uuid.uuid4(), tenant_id=tenant, invoice_number=invoice_number_for(250),
+                               task="invoices.delete"))
+    session.commit()
+
+    with numbering(tenant) as (first, uow):
+        number, sent = statements_of(first, uow.next_invoice_number)
+        assert (number, len(sent)) == ("INV-00501", 1), sent
+        with numbering(tenant) as (other, waiting):
+            other.execute(text("SET LOCAL lock_timeout = '200ms'"))
+            with pytest.raises(OperationalError):  # the counter row stays locked until the first commits
+                waiting.next_invoice_number()
+        first.rollback()  # gives its number back
+        number, sent = statements_of(first, uow.next_invoice_number)
+        assert (number, len(sent)) == ("INV-00501", 1)
+        first.commit()
+
+    session.add(DeletedInvoice(invoice_id=uuid.uuid4(), tenant_id=tenant, invoice_number=invoice_number_for(502),
+                               task="invoices.delete"))
+    session.execute(insert(Invoice), [
+        {"id": uuid.uuid4(), "tenant_id": tenant, "invoice_number": invoice_number_for(503), "status": "Draft",
+         "invoice_date": date(2026, 11, 28), "currency": "USD"}])
+    session.commit()
+    with numbering(tenant) as (later, uow):
+        number, sent = statements_of(later, uow.next_invoice_number)  # the counter row exists: the update path
+        assert (number, len(sent)) == ("INV-00504", 1)
+        later.commit()
+    assert session.get(InvoiceNumberSequence, tenant).last_value == 504
+
+
+def test_generated_numbers_in_sql_read_as_invoice_number_for_beyond_the_pad_width(session):
+    from models.rules import invoice_number_for
+    from worker.invoice_numbers import number_sql
+
+    for value in (1, 42, 99_999, 100_000, 1_234_567, 2_147_483_647):
+        assert session.execute(text(f"SELECT {number_sql(':v')}"), {"v": value}).scalar_one() == \
+            invoice_number_for(value)

@@ -244,7 +244,7 @@ def test_retries_follow_the_schedule_from_the_first_failure_then_are_exhausted_o
     current = failed
     for attempt, day in enumerate((1, 3, 5, 7), start=1):
         retry = invoice.request_retry(current, uuid.uuid4(), now=NOW + timedelta(days=day))
-        invoice.fail_payment(payment_id=retry.id, failure_code="05", failure_reason="r", retry_after=RETRY,
+        invoice.fail_payment(payment_id=retry.payment_id, failure_code="05", failure_reason="r", retry_after=RETRY,
                              hard_decline_codes=HARD, now=NOW + timedelta(days=day))
         current = retry
         expected = NOW + RETRY[attempt] if attempt < 4 else None

@@ -97,7 +97,7 @@ class InvoiceMachine(RuleBasedStateMachine):
         return data.draw(st.one_of(share, share, amounts(self.currency, 0, 600)))
 
     def payment_ids(self, status: str | None = None) -> list[uuid.UUID]:
-        return [p.id for p in self.invoice.payments if status is None or p.status == status]
+        return [p.payment_id for p in self.invoice.payments if status is None or p.status == status]
 
     # ------------------------------------------------------------------ rules
 
