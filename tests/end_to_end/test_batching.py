@@ -282,7 +282,7 @@ def test_a_batch_that_creates_and_then_uses_an_invoice_and_meets_a_natural_key_t
                     reason="the byte bound is the Redis transport's (RabbitMQ bounds prefetch by count only)")
 def test_what_the_consumer_holds_is_bounded_in_bytes_not_only_by_the_prefetch_count(running, batch_worker):
     """Batching raises the prefetch count to 2 × APPLY_BATCH_SIZE per pool process; with bodies near
-    MAX_MESSAGE_BYTES, the consumer still holds at most 8 × MAX_MESSAGE_BYTES of them."""
+    MAX_MESSAGE_BYTES, the consumer still holds at most 2 × MAX_MESSAGE_BYTES of them."""
     import redis
 
     tenant = new_tenant("t-bytes")
@@ -299,9 +299,9 @@ def test_what_the_consumer_holds_is_bounded_in_bytes_not_only_by_the_prefetch_co
         holding = broker.hlen("unacked")
         queued = broker.llen("invoices.payments")
         blocker.rollback()
-    # 8 MiB of ~0.9 MB bodies, plus at most two read past the bound (the BRPOP answer and the last of
+    # 2 MiB of ~0.9 MB bodies, plus at most two read past the bound (the BRPOP answer and the last of
     # its read); without the bound all 41 are taken at once (prefetch 200).
-    assert 1 <= holding <= 12, holding
+    assert 1 <= holding <= 5, holding
     assert queued >= 41 - holding
     assert wait_outcome(tenant, blocked["messageId"], timeout=60)["outcome"] == "applied"
     for body in padded:  # notes beyond the schema's limit: each dead-lettered, none lost

@@ -198,6 +198,10 @@ class TcpCut:
                 client.close()
                 continue
             with self._lock:
+                if self._listener is not listener:  # cut while this one was connecting: it must not survive
+                    client.close()
+                    server.close()
+                    return
                 self._open += [client, server]
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
