@@ -231,8 +231,8 @@ class Channel(redis.Channel):
     def _brpop_read(self, **options):  # noqa: ANN003 - kombu's signature
         """kombu's read of a BRPOP answer, plus: when the consumer has room, up to MORE_PER_READ
         more messages of the same queue (within the bytes it may still hold), taken with one
-        script and registered in the `unacked` hash
-        with one pipeline before any is delivered (kombu: a pipeline per message). A busy worker
+        script and registered in the `unacked` hash with one pipeline before any is delivered
+        (kombu: a pipeline per message). A busy worker
         then costs three round trips per read instead of two per message. The messages taken
         but not yet registered when the broker goes away are remembered (handed back later)."""
         try:
