@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import psycopg
@@ -254,8 +254,6 @@ class Item:
     message: Any = None
     outcome: Outcome | None = None
     copy_of: "Item | None" = None
-    seconds: float = 0.0
-    events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str]:
