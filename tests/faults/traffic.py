@@ -16,7 +16,15 @@ def send(publisher: Any, ledger: Ledger, task: str, body: dict[str, Any]) -> Non
     """Publish, retrying while the broker is away (as a careful publisher does); record it as sent."""
     from worker.celery_app import queue_for
 
-    publisher.send_task(task, args=[body], queue=queue_for(task), retry=True, retry_policy=PUBLISH_RETRY)
+    try:
+        publisher.send_task(task, args=[body], queue=queue_for(task), retry=True, retry_policy=PUBLISH_RETRY)
+    except AttributeError:
+        # kombu's Redis producer, retrying while the broker is killed, can revive a channel it has
+        # already torn down (`'NoneType' object has no attribute 'client'`) instead of retrying; a
+        # careful publisher starts again on a connection of its own (seen once in the kill scenario).
+        with publisher.connection_for_write() as connection:
+            publisher.send_task(task, args=[body], queue=queue_for(task), connection=connection, retry=True,
+                                retry_policy=PUBLISH_RETRY)
     ledger.record(task, body)
 
 
