@@ -84,6 +84,10 @@ class Relay:
         BATCH_BYTES of payload); return how many rows it handled. A row the broker refuses, or one
         larger than MAX_EVENT_BYTES, is parked with its error instead of failing the batch: one
         event never holds up the others. Losing the broker itself still fails the batch."""
+        # The exchange's type lives in the connection's state on kombu's virtual transports (Redis):
+        # on a connection that never declared it, kombu routes as a direct exchange, no queue bound
+        # with a pattern matches, and every event would be marked published having gone nowhere.
+        producer.maybe_declare(EVENTS_EXCHANGE)
         with db.transaction():
             rows = db.execute(
                 "SELECT id, type, payload, octet_length(payload::text) FROM outbox "
