@@ -165,24 +165,27 @@ class Process:
                 self.proc.wait()
 
 
-def worker(concurrency: int, env: dict[str, str] | None = None, include: str | None = None) -> Process:
+def worker(concurrency: int, env: dict[str, str] | None = None, include: str | None = None,
+           name: str | None = None) -> Process:
+    """A worker node of `concurrency` pool processes, returned once that node (not just any node)
+    answers a ping."""
+    name = name or f"bench-{uuid.uuid4().hex[:6]}@localhost"
     argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", QUEUES, "-c", str(concurrency),
-            "-n", f"bench-{uuid.uuid4().hex[:6]}@localhost", "--loglevel", "WARNING", "--without-mingle",
-            "--without-gossip", "--without-heartbeat"]
+            "-n", name, "--loglevel", "WARNING", "--without-mingle", "--without-gossip", "--without-heartbeat"]
     if include:
         argv += ["--include", include]
     proc = Process(argv, env or {}, None)
-    wait(lambda: _ready(proc), 60)
+    wait(lambda: _ready(proc, name), 60)
     return proc
 
 
-def _ready(proc: Process) -> bool:
+def _ready(proc: Process, name: str) -> bool:
     from worker.celery_app import app
 
     if proc.proc.poll() is not None:
         raise RuntimeError(proc.log.read_text()[-2000:])
     try:
-        return bool(app.control.ping(timeout=0.5))
+        return any(name in reply for reply in app.control.ping(destination=[name], timeout=0.5))
     except Exception:
         return False
 

@@ -1,5 +1,6 @@
 """The relay's CPU per event, publishing one event at a time (kombu's Producer.publish) and in
-pipelined batches (one round trip per batch on Redis), side by side on the same outbox rows."""
+pipelined batches (one round trip per batch on Redis), side by side on the same outbox rows, each
+checked to have reached a queue bound to every event."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ def run(env: Environment, count: int) -> dict[str, dict[str, float]]:
                 while relay.publish_batch(db, producer):
                     pass
                 cpu, seconds = time.process_time() - cpu, time.monotonic() - began
+            with Connection(env.broker_url) as conn:  # every event reached the bound queue (none went nowhere)
+                arrived = conn.default_channel.queue_purge(name)
+            assert arrived == relay.published, f"{label}: {relay.published} events published, {arrived} arrived"
             results[label] = {"cpu_us": cpu / relay.published * 1e6, "rate": relay.published / seconds,
                               "events": relay.published}
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from bench.harness import Environment, relay, worker
+from bench.harness import ROOT, Environment, relay, worker
 from bench.payments import payment_bodies, publish_payments_until_applied
 
 # (label, a frame that marks it): a sample counts for every stop whose frame is on its stack.
@@ -27,9 +27,31 @@ STOPS = [
     ("  load and lock the batch's invoices (one statement, ORM)", "_load_and_lock (worker/batching.py"),
     ("  the domain operations", "InvoicePayments.record_payment"),
     ("  ORM flush: invoices (one executemany), payments (one insert)", "Session.flush ("),
+    # The batch's multi-row statements run inline in _transaction: py-spy's frames carry the line.
+    ("  inbox outcomes (RECORD, one statement)", "connection.execute(RECORD, "),
+    ("  outbox rows (one statement)", "connection.execute(OUTBOX_INSERT, "),
+    ("  history rows (one statement)", "connection.execute(HISTORY_INSERT, "),
     ("  COMMIT", "Session.commit ("),
     ("  log line and metrics of each message", "_report (worker/batching.py"),
 ]
+
+
+def _inline(stops: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A stop named by a statement of worker/batching.py's _transaction becomes the frame of its
+    line there (one line, the call's first); a statement no longer found there is left out."""
+    source = (ROOT / "worker" / "batching.py").read_text().splitlines()
+    resolved = []
+    for label, frame in stops:
+        if frame.startswith("connection.execute("):
+            lines = [n for n, text in enumerate(source, 1) if text.strip().startswith(frame)]
+            if len(lines) != 1:
+                continue
+            frame = f"_transaction (worker/batching.py:{lines[0]})"
+        resolved.append((label, frame))
+    return resolved
+
+
+STOPS = _inline(STOPS)
 # Leaf frames in which a process waits on PostgreSQL (or for a core to run on).
 DATABASE_WAIT = ("psycopg/connection.py", "psycopg/_cursor_base.py", "psycopg/_connection_base.py")
 
