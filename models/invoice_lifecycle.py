@@ -78,7 +78,7 @@ class InvoiceLifecycle:
             items = content.get("line_items")
             if items is None:
                 items = [line.to_input() for line in self.line_items]
-            self.line_items = [build_line(i, item, currency) for i, item in enumerate(items, start=1)]
+            self.line_items = [build_line(i, item, currency, self.line_type) for i, item in enumerate(items, start=1)]
         if "tax_amount" in content or "currency" in content:
             tax = money(content.get("tax_amount", self.tax_amount) or ZERO, currency, field="taxAmount")
             if tax < 0:

@@ -15,18 +15,8 @@ from models.money import ZERO, format_money, money, round_money
 from models.payment import MONEY
 
 
-class LineItem(Base):
-    __tablename__ = "line_items"
-
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
-    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"), index=True)
-    position: Mapped[int] = mapped_column(Integer)
-    sku: Mapped[str | None] = mapped_column(String(200))
-    description: Mapped[str | None] = mapped_column(Text)
-    quantity: Mapped[Decimal] = mapped_column(Numeric(20, 6))
-    unit_price: Mapped[Decimal] = mapped_column(MONEY)
-    discount_amount: Mapped[Decimal] = mapped_column(MONEY, default=ZERO)
-    line_total: Mapped[Decimal] = mapped_column(MONEY)
+class LineRules:
+    """What a line says, on its attributes alone: shared by LineItem (the mapped row) and LineValues."""
 
     def to_input(self) -> dict[str, Any]:
         """The line as the create body gives it (snake_case), to rebuild or compare it."""
@@ -47,9 +37,32 @@ class LineItem(Base):
         }
 
 
+class LineItem(LineRules, Base):
+    __tablename__ = "line_items"
 
-def build_line(position: int, item: dict[str, Any], currency: str) -> LineItem:
-    """A line: quantity × unitPrice − its discount, which may not exceed quantity × unitPrice."""
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    sku: Mapped[str | None] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    quantity: Mapped[Decimal] = mapped_column(Numeric(20, 6))
+    unit_price: Mapped[Decimal] = mapped_column(MONEY)
+    discount_amount: Mapped[Decimal] = mapped_column(MONEY, default=ZERO)
+    line_total: Mapped[Decimal] = mapped_column(MONEY)
+
+
+class LineValues(LineRules):
+    """A line as a plain object, the line of an InvoiceValues (models/invoice.py)."""
+
+    id = invoice_id = None
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+
+def build_line(position: int, item: dict[str, Any], currency: str, make: type[LineRules] = LineItem) -> LineRules:
+    """A line (a `make`: LineItem or LineValues): quantity × unitPrice − its discount, which may not
+    exceed quantity × unitPrice."""
     quantity = Decimal(str(item["quantity"]))
     if not quantity.is_finite() or quantity <= 0:
         raise DomainError("invalid-line-item", f"line {position}: quantity must be greater than zero")
@@ -64,7 +77,7 @@ def build_line(position: int, item: dict[str, Any], currency: str) -> LineItem:
             f"line {position}: discountAmount {line_discount} must be between 0 and the line's "
             f"quantity × unitPrice ({gross})",
         )
-    return LineItem(
+    return make(
         position=position, sku=item.get("sku"), description=item.get("description"),
         quantity=quantity, unit_price=unit_price, discount_amount=line_discount, line_total=gross - line_discount,
     )

@@ -1,8 +1,8 @@
 """invoices.bulk_import: upsert a batch of up to 10,000 invoices by (tenantId, invoiceNumber)
-with set-based SQL: the entries are validated and computed first (by the domain's own
-Invoice.create), then the batch is written with a handful of statements (COPY for new
-invoices, their lines and the outbox; pipelined UPDATEs for changed ones), all in the message's
-transaction together with its inbox record and events.
+with set-based SQL: the entries are validated and computed first (by the domain's own rules:
+InvoiceValues.create is Invoice.create on plain objects), then the batch is written with a handful
+of statements (COPY for new invoices, their lines and the outbox; pipelined UPDATEs for changed
+ones), all in the message's transaction together with its inbox record and events.
 
 Per entry: created, updated, unchanged, deactivated or rejected (with its index, number and
 reason). A re-sent batch finds every entry unchanged and emits no invoice event.
@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from models.errors import DomainError
-from models.invoice import Invoice
+from models.invoice import Invoice, InvoiceValues
 from models.payment import Payment
 from models.rules import S
 from tasks.messages import BulkImport, ImportEntry
@@ -50,7 +50,7 @@ class Entry:
     index: int
     number: str
     active: bool
-    invoice: Invoice
+    invoice: InvoiceValues
     fingerprint: str
 
 
@@ -66,8 +66,8 @@ class Batch:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("created", "updated", "unchanged", "deactivated", "rejected"), 0))
-    created: list[Invoice] = field(default_factory=list)
-    changed: list[tuple[Invoice, list[str]]] = field(default_factory=list)
+    created: list[InvoiceValues] = field(default_factory=list)
+    changed: list[tuple[InvoiceValues, list[str]]] = field(default_factory=list)
     outbox: list[tuple] = field(default_factory=list)
     # invoice id → (status before, [{type, sequence}]): one invoice_history row each.
     history: dict[uuid.UUID, tuple[str | None, list[dict[str, Any]]]] = field(default_factory=dict)
@@ -77,7 +77,7 @@ class Batch:
         self.rejected.append({"index": index, "invoiceNumber": number if isinstance(number, str) else None,
                               "reason": reason, "message": message})
 
-    def event(self, invoice: Invoice, type_: str, data: dict[str, Any], status_before: str | None = None) -> None:
+    def event(self, invoice: InvoiceValues, type_: str, data: dict[str, Any], status_before: str | None = None) -> None:
         invoice.event_sequence += 1
         self.history.setdefault(invoice.id, (status_before, []))[1].append(
             {"type": type_, "sequence": invoice.event_sequence})
@@ -110,7 +110,7 @@ def validate(tenant_id: str, raw_entries: list[Any], now: datetime, batch: Batch
             continue
         first_seen[entry.invoice_number] = index
         try:
-            invoice = Invoice.create(tenant_id=tenant_id, invoice_number=entry.invoice_number, content=entry.content(),
+            invoice = InvoiceValues.create(tenant_id=tenant_id, invoice_number=entry.invoice_number, content=entry.content(),
                                      source="import", now=now, announce=False)
         except DomainError as exc:
             batch.reject(index, entry.invoice_number, exc.code, exc.message)
