@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
 from psycopg.types.json import Jsonb
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import String, Uuid, any_, bindparam, select
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from models.errors import DomainError
 from models.invoice import Invoice, InvoiceValues
@@ -45,6 +47,22 @@ UPDATED_COLUMNS = [
 ]
 
 
+def _dumps(value: Any) -> bytes | str:
+    """JSON for the COPY of a batch's events, lines and customers: orjson, which takes ~1 µs where
+    json.dumps takes ~8 µs for an invoice.created payload (the largest single cost of an import
+    after the rules themselves). What orjson refuses (an integer beyond 64 bits in a customer's
+    extra field) goes through json. The text differs only in spacing; PostgreSQL stores jsonb
+    parsed, so the stored value is the same."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value)
+
+
+def jsonb(value: Any) -> Jsonb:
+    return Jsonb(value, dumps=_dumps)
+
+
 @dataclass
 class Entry:
     index: int
@@ -52,6 +70,7 @@ class Entry:
     active: bool
     invoice: InvoiceValues
     fingerprint: str
+    given: ImportEntry
 
 
 @dataclass
@@ -85,12 +104,35 @@ class Batch:
                                  invoice_number=invoice.invoice_number, sequence=invoice.event_sequence,
                                  causation_id=self.message_id, data=data)
         self.outbox.append((uuid.UUID(payload["eventId"]), type_, self.tenant_id, invoice.id, invoice.event_sequence,
-                            self.message_id, Jsonb(payload)))
+                            self.message_id, jsonb(payload)))
+
+
+# A fingerprint of this form: "2:" and a 248-bit BLAKE2b of the entry's JSON with sorted keys
+# (orjson). Before it, the SHA-256 of json.dumps' text (legacy_fingerprint): 15 µs an entry
+# against 6.5 µs. Invoices imported before keep theirs; an entry is compared with the form stored.
+FINGERPRINT = "2:"
 
 
 def fingerprint(entry: ImportEntry) -> str:
+    """What an entry says (all of it but isActive), for finding a re-sent entry unchanged."""
+    content = entry.model_dump(mode="json", by_alias=True, exclude={"is_active"})
+    try:
+        canonical = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # an integer beyond 64 bits in an extra field: json's text, always the same for it
+        canonical = json.dumps(content, sort_keys=True).encode()
+    return FINGERPRINT + hashlib.blake2b(canonical, digest_size=31).hexdigest()
+
+
+def legacy_fingerprint(entry: ImportEntry) -> str:
+    """The fingerprint of invoices imported before FINGERPRINT (a bare SHA-256 hex digest)."""
     canonical = json.dumps(entry.model_dump(mode="json", by_alias=True, exclude={"is_active"}), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def same_content(stored: str | None, entry: "Entry") -> bool:
+    if stored is None or stored.startswith(FINGERPRINT):
+        return stored == entry.fingerprint
+    return stored == legacy_fingerprint(entry.given)
 
 
 def validate(tenant_id: str, raw_entries: list[Any], now: datetime, batch: Batch) -> None:
@@ -118,7 +160,8 @@ def validate(tenant_id: str, raw_entries: list[Any], now: datetime, batch: Batch
         invoice.is_active = entry.is_active
         invoice.import_fingerprint = fingerprint(entry)
         invoice.pending_events.clear()
-        batch.entries.append(Entry(index, entry.invoice_number, entry.is_active, invoice, invoice.import_fingerprint))
+        batch.entries.append(Entry(index, entry.invoice_number, entry.is_active, invoice, invoice.import_fingerprint,
+                                   entry))
 
 
 def reimported_status(current: str, imported: str) -> str:
@@ -132,21 +175,25 @@ def classify(uow: UnitOfWork, batch: Batch) -> None:
     """Compare every entry with the invoice of its number, locked in number order."""
     session = uow.session
     numbers = [e.number for e in batch.entries]
+    # = ANY(one array) rather than IN (…): a thousand bind parameters cost more to render, send and
+    # plan than the lookups themselves (measured: ~8% of an import's CPU).
+    given = bindparam("numbers", numbers, type_=ARRAY(String))
     existing = {
         row.invoice_number: row for row in session.execute(
             select(Invoice.id, Invoice.invoice_number, Invoice.status, Invoice.is_active, Invoice.import_fingerprint,
                    Invoice.event_sequence, Invoice.created_at, Invoice.source, Invoice.shipment_id,
                    Invoice.version)
-            .where(Invoice.tenant_id == batch.tenant_id, Invoice.invoice_number.in_(numbers))
+            .where(Invoice.tenant_id == batch.tenant_id, Invoice.invoice_number == any_(given))
             .order_by(Invoice.invoice_number).with_for_update()
         )
     } if numbers else {}
     deleted = set(session.scalars(
         select(DeletedInvoice.invoice_number)
-        .where(DeletedInvoice.tenant_id == batch.tenant_id, DeletedInvoice.invoice_number.in_(numbers))
+        .where(DeletedInvoice.tenant_id == batch.tenant_id, DeletedInvoice.invoice_number == any_(given))
     )) if numbers else set()
     paid_ids = set(session.scalars(
-        select(Payment.invoice_id).where(Payment.invoice_id.in_([r.id for r in existing.values()])).distinct()
+        select(Payment.invoice_id).distinct()
+        .where(Payment.invoice_id == any_(bindparam("ids", [r.id for r in existing.values()], type_=ARRAY(Uuid))))
     )) if existing else set()
     for entry in batch.entries:
         row = existing.get(entry.number)
@@ -160,22 +207,22 @@ def classify(uow: UnitOfWork, batch: Batch) -> None:
             batch.created.append(invoice)
             batch.event(invoice, "invoice.created", {"invoice": invoice.to_json(), "source": "import"})
             continue
-        same_content = row.import_fingerprint == entry.fingerprint
-        if same_content and row.is_active == entry.active:
+        same = same_content(row.import_fingerprint, entry)
+        if same and row.is_active == entry.active:
             batch.counts["unchanged"] += 1
             continue
-        if not same_content and row.status in (S.VOIDED, S.CANCELLED):
+        if not same and row.status in (S.VOIDED, S.CANCELLED):
             batch.reject(entry.index, entry.number, "invalid-state-transition",
                          f"{entry.number} is {row.status}; an import cannot change it")
             continue
-        if not same_content and row.id in paid_ids:
+        if not same and row.id in paid_ids:
             batch.reject(entry.index, entry.number, "invoice-has-payments",
                          f"{entry.number} has payments recorded here; record further changes as payments or refunds")
             continue
         invoice.id, invoice.event_sequence, invoice.created_at = row.id, row.event_sequence, row.created_at
         invoice.source, invoice.shipment_id = row.source, row.shipment_id
         changes = []
-        if not same_content:
+        if not same:
             changes.append("import")
             invoice.status = reimported_status(row.status, invoice.status)
             batch.event(invoice, "invoice.updated", {"changes": ["import"], "batchId": batch.batch_id, **invoice._totals()},
@@ -200,7 +247,7 @@ def write(uow: UnitOfWork, batch: Batch) -> None:
         if batch.created:
             with cursor.copy(f"COPY invoices ({', '.join(INVOICE_COLUMNS)}) FROM STDIN") as copy:
                 for invoice in sorted(batch.created, key=lambda i: i.invoice_number):
-                    copy.write_row([Jsonb(getattr(invoice, c)) if c in JSON_COLUMNS and getattr(invoice, c) is not None
+                    copy.write_row([jsonb(getattr(invoice, c)) if c in JSON_COLUMNS and getattr(invoice, c) is not None
                                     else getattr(invoice, c) for c in INVOICE_COLUMNS])
         content_changed = [inv for inv, changes in batch.changed if "import" in changes]
         if content_changed:
@@ -209,7 +256,7 @@ def write(uow: UnitOfWork, batch: Batch) -> None:
             assignments = ", ".join(f"{c} = %s" for c in UPDATED_COLUMNS)
             cursor.executemany(
                 f"UPDATE invoices SET {assignments}, version = version + 1 WHERE id = %s",
-                [[Jsonb(getattr(inv, c)) if c in JSON_COLUMNS and getattr(inv, c) is not None else getattr(inv, c)
+                [[jsonb(getattr(inv, c)) if c in JSON_COLUMNS and getattr(inv, c) is not None else getattr(inv, c)
                   for c in UPDATED_COLUMNS] + [inv.id] for inv, _ in batch.changed],
             )
         with_lines = batch.created + content_changed
@@ -234,7 +281,7 @@ def write_history(cursor: Any, batch: Batch) -> None:
         for invoice_id, (status_before, events) in batch.history.items():
             invoice = invoices[invoice_id]
             copy.write_row((batch.tenant_id, invoice_id, invoice.invoice_number, batch.message_id, batch.message_id,
-                            "invoices.bulk_import", Jsonb(events), status_before, str(invoice.status),
+                            "invoices.bulk_import", jsonb(events), status_before, str(invoice.status),
                             invoice.currency, invoice.invoice_total, invoice.amount_paid, invoice.balance))
 
 

@@ -6,12 +6,12 @@ import threading
 import uuid
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from models.invoice import Invoice
 from models.line_item import LineItem
-from tasks.messages import BulkImport
-from worker.bulk_import import import_batch
+from tasks.messages import BulkImport, ImportEntry
+from worker.bulk_import import FINGERPRINT, import_batch, legacy_fingerprint
 from worker.handling import execute, parse
 from worker.records import OutboxEvent
 
@@ -67,6 +67,27 @@ def test_a_resent_batch_changes_nothing_and_emits_no_invoice_event(session):
     assert len(events(session, "invoice.created")) + len(events(session, "invoice.updated")) == before
     duplicate = send(batch, message_id="first")
     assert duplicate.outcome == "duplicate"
+
+
+def test_invoices_imported_with_the_legacy_fingerprint_are_found_unchanged(session):
+    """Invoices imported before the fingerprint's "2:" form keep a bare SHA-256: re-sent, they are
+    unchanged (no event); changed, they are updated and take the new form."""
+    batch = [entry("L-1"), entry("L-2", "20.00", "5.00")]
+    send(batch)
+    stored = {i.invoice_number: i.import_fingerprint for i in invoices(session).values()}
+    assert all(f.startswith(FINGERPRINT) and len(f) == 64 for f in stored.values()), stored
+    for raw in batch:  # what the version before wrote
+        legacy = legacy_fingerprint(ImportEntry.model_validate(raw))
+        session.execute(update(Invoice).where(Invoice.tenant_id == T, Invoice.invoice_number == raw["invoiceNumber"])
+                        .values(import_fingerprint=legacy))
+    session.commit()
+    before = len(events(session, "invoice.updated"))
+    assert send(batch).extra["counts"]["unchanged"] == 2
+    assert len(events(session, "invoice.updated")) == before
+    counts = send([entry("L-1"), entry("L-2", "20.00", "4.00")]).extra["counts"]
+    assert (counts["unchanged"], counts["updated"]) == (1, 1)
+    assert invoices(session)["L-2"].import_fingerprint.startswith(FINGERPRINT)
+    assert not invoices(session)["L-1"].import_fingerprint.startswith(FINGERPRINT)  # unchanged: not rewritten
 
 
 def test_updated_deactivated_restored_and_rejected(session):
