@@ -18,6 +18,8 @@ from models.payment import MONEY
 class LineRules:
     """What a line says, on its attributes alone: shared by LineItem (the mapped row) and LineValues."""
 
+    __slots__ = ()
+
     def to_input(self) -> dict[str, Any]:
         """The line as the create body gives it (snake_case), to rebuild or compare it."""
         return {
@@ -54,10 +56,13 @@ class LineItem(LineRules, Base):
 class LineValues(LineRules):
     """A line as a plain object, the line of an InvoiceValues (models/invoice.py)."""
 
+    __slots__ = ("position", "sku", "description", "quantity", "unit_price", "discount_amount", "line_total")
     id = invoice_id = None
 
-    def __init__(self, **values: Any) -> None:
-        self.__dict__.update(values)
+    def __init__(self, *, position: int, sku: str | None, description: str | None, quantity: Decimal,
+                 unit_price: Decimal, discount_amount: Decimal, line_total: Decimal) -> None:
+        self.position, self.sku, self.description, self.quantity = position, sku, description, quantity
+        self.unit_price, self.discount_amount, self.line_total = unit_price, discount_amount, line_total
 
 
 def build_line(position: int, item: dict[str, Any], currency: str, make: type[LineRules] = LineItem) -> LineRules:

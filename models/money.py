@@ -35,22 +35,29 @@ def is_currency(currency: str) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=512)
+# currency → its minor unit as a Decimal quantum (0.01 for USD); filled by valid currencies only.
+_QUANTA: dict[str, Decimal] = {}
+
+
 def _quantum(currency: str) -> Decimal:
-    return Decimal(1).scaleb(-minor_unit(currency))
+    quantum = _QUANTA.get(currency)
+    if quantum is None:
+        quantum = _QUANTA[currency] = Decimal(1).scaleb(-minor_unit(currency))
+    return quantum
 
 
 # Money columns are Numeric(20, 4): sixteen digits before the point. A computed amount beyond
 # that (1,000 lines of 10^11 each, a quantity of 10^8 at 10^11) is rejected, never a database error.
-MONEY_LIMIT = Decimal(10) ** 16
+MONEY_DIGITS = 16
 
 
 def round_money(amount: Decimal, currency: str, *, field: str = "amount") -> Decimal:
     """Computed amounts are rounded half-up to the currency's minor unit, and must fit the columns."""
-    if not amount.is_finite() or abs(amount) >= MONEY_LIMIT:
+    # adjusted(): the exponent of the leading digit, ≥ 16 exactly when |amount| ≥ 10^16 (and not zero)
+    if not amount.is_finite() or (amount and amount.adjusted() >= MONEY_DIGITS):
         raise DomainError("amount-too-large", f"{field} {amount:.4E} is beyond what an invoice can hold "
                                               f"(less than 10^16 {currency})")
-    return amount.quantize(_quantum(currency), rounding=ROUND_HALF_UP)
+    return amount.quantize(_quantum(currency), ROUND_HALF_UP)
 
 
 def money(value: Decimal | int | str, currency: str, *, field: str = "amount") -> Decimal:
@@ -62,7 +69,9 @@ def money(value: Decimal | int | str, currency: str, *, field: str = "amount") -
     if not amount.is_finite():
         raise DomainError("invalid-amount", f"{field} must be a finite number, got {value}")
     decimals = minor_unit(currency)
-    exponent = amount.normalize().as_tuple().exponent
+    exponent = amount.as_tuple().exponent  # normalized only when it may be trailing zeros ("10.000")
+    if isinstance(exponent, int) and -exponent > decimals:
+        exponent = amount.normalize().as_tuple().exponent
     if isinstance(exponent, int) and -exponent > decimals:
         raise DomainError(
             "invalid-amount",

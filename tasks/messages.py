@@ -93,6 +93,12 @@ class LineItemIn(Schema):
     unit_price: Amount
     discount_amount: Amount | None = None
 
+    def content(self) -> dict[str, Any]:
+        """model_dump() of the line, written out: a quarter of its cost, and bulk import makes
+        one per line (test_messages holds the two equal)."""
+        return {"sku": self.sku, "description": self.description, "quantity": self.quantity,
+                "unit_price": self.unit_price, "discount_amount": self.discount_amount}
+
 
 class Discount(Schema):
     code: Short | None = None
@@ -169,7 +175,7 @@ class InvoiceFields(Schema):
             if name in ("customer", "sales_rep") and value is not None:
                 value = value.model_dump(mode="json", by_alias=True, exclude_none=True)
             elif name == "line_items" and value is not None:
-                value = [line.model_dump() for line in value]
+                value = [line.content() for line in value]
             elif name == "discount" and value is not None:
                 value = value.model_dump()
             result[name] = value

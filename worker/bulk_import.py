@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,11 +34,13 @@ from worker.records import DeletedInvoice
 from worker.unit_of_work import Outcome, UnitOfWork, event_envelope
 
 INVOICE_COLUMNS = [c.name for c in Invoice.__table__.columns]
+_invoice_values = operator.attrgetter(*INVOICE_COLUMNS)
 LINE_COLUMNS = ["invoice_id", "position", "sku", "description", "quantity", "unit_price", "discount_amount", "line_total"]
 OUTBOX_COLUMNS = ["event_id", "type", "tenant_id", "invoice_id", "sequence", "causation_id", "payload"]
 HISTORY_COLUMNS = ["tenant_id", "invoice_id", "invoice_number", "message_id", "causation_id", "task", "events",
                    "status_before", "status_after", "currency", "invoice_total", "amount_paid", "balance"]
 JSON_COLUMNS = {"customer", "sales_rep", "discount"}
+_JSON_AT = [INVOICE_COLUMNS.index(c) for c in sorted(JSON_COLUMNS)]
 # What an import may change on an existing invoice.
 UPDATED_COLUMNS = [
     "order_id", "order_number", "external_id", "status", "invoice_date", "due_date", "payment_terms", "currency",
@@ -240,6 +243,15 @@ def classify(uow: UnitOfWork, batch: Batch) -> None:
         batch.changed.append((invoice, changes))
 
 
+def invoice_row(invoice: InvoiceValues) -> list[Any]:
+    """The invoice's values in INVOICE_COLUMNS order, its JSON columns as jsonb."""
+    row = list(_invoice_values(invoice))
+    for i in _JSON_AT:
+        if row[i] is not None:
+            row[i] = jsonb(row[i])
+    return row
+
+
 def write(uow: UnitOfWork, batch: Batch) -> None:
     """COPY the new invoices, their lines and the events; pipeline the UPDATEs of changed ones."""
     connection = uow.session.connection().connection.driver_connection
@@ -247,8 +259,7 @@ def write(uow: UnitOfWork, batch: Batch) -> None:
         if batch.created:
             with cursor.copy(f"COPY invoices ({', '.join(INVOICE_COLUMNS)}) FROM STDIN") as copy:
                 for invoice in sorted(batch.created, key=lambda i: i.invoice_number):
-                    copy.write_row([jsonb(getattr(invoice, c)) if c in JSON_COLUMNS and getattr(invoice, c) is not None
-                                    else getattr(invoice, c) for c in INVOICE_COLUMNS])
+                    copy.write_row(invoice_row(invoice))
         content_changed = [inv for inv, changes in batch.changed if "import" in changes]
         if content_changed:
             cursor.execute("DELETE FROM line_items WHERE invoice_id = ANY(%s)", ([i.id for i in content_changed],))

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from tasks.messages import OrderShipped, PaymentCallback, RecordPayment, UpdateInvoice
+from tasks.messages import LineItemIn, OrderShipped, PaymentCallback, RecordPayment, UpdateInvoice
 from worker.handling import MalformedMessage, parse
 
 PAY = {"messageId": "m-1", "tenantId": "t", "invoiceNumber": "INV-00001", "amount": "10.00", "currency": "USD"}
@@ -85,3 +85,11 @@ def test_an_approved_callback_carries_its_amount():
     assert parse(PaymentCallback, {**body, "result": "Declined"}).amount is None
     with pytest.raises(MalformedMessage, match="provider"):
         parse(PaymentCallback, {**body, "result": "Declined", "provider": "Stripe"})
+
+
+@pytest.mark.parametrize("line", [{"quantity": "2", "unitPrice": "10.00"},
+                                  {"sku": "S", "description": "D", "quantity": 1.5, "unitPrice": 3, "discountAmount": "0.50"}])
+def test_a_line_gives_the_domain_what_model_dump_gives(line):
+    parsed = LineItemIn.model_validate(line)
+    assert parsed.content() == parsed.model_dump()
+    assert set(parsed.content()) == set(LineItemIn.model_fields)
