@@ -10,10 +10,13 @@ reason). A re-sent batch finds every entry unchanged and emits no invoice event.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import operator
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -296,8 +299,29 @@ def write_history(cursor: Any, batch: Batch) -> None:
                             invoice.currency, invoice.invoice_total, invoice.amount_paid, invoice.balance))
 
 
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cycle collector off while a batch is built and written: its objects live until the
+    commit, and even with the worker's raised threshold (worker/celery_app.py) the collector walked
+    them again and again (in-process, 2-7% of an import's CPU). Objects still die by reference
+    counting; a cycle made meanwhile waits for the next collection after the batch."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def import_batch(uow: UnitOfWork, message: BulkImport) -> Outcome:
     """The operation of invoices.bulk_import, inside the message's unit of work."""
+    with collector_paused():
+        return _import_batch(uow, message)
+
+
+def _import_batch(uow: UnitOfWork, message: BulkImport) -> Outcome:
     now = datetime.now(timezone.utc)
     batch = Batch(message.tenant_id, message.message_id, message.batch_id, now)
     validate(message.tenant_id, message.invoices, now, batch)
