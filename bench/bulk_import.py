@@ -62,11 +62,13 @@ def created_event(entry: dict[str, Any], now: datetime) -> dict[str, Any]:
 
 
 def raw_copy(env: Environment, count: int) -> dict[str, float]:
-    """The same rows (invoice, 3 lines, its invoice.created event with the whole invoice, as the
-    worker writes it) with plain COPY, nothing else."""
+    """The same rows (invoice, 3 lines, its invoice.created event with the whole invoice, and its
+    invoice_history row, as the worker writes them) with plain COPY, nothing else. (The history
+    row came with the audit trail; before 2026-11-28 this baseline left it out: 5 of the 6 rows.)"""
+    from worker.bulk_import import HISTORY_COLUMNS
     now = datetime.now(timezone.utc)
     template = created_event(entries("R", 1)[0], now)
-    invoices, lines, events = [], [], []
+    invoices, lines, events, history = [], [], [], []
     for i in range(count):
         invoice_id = uuid.uuid4()
         number = f"R-{i:06d}"
@@ -82,6 +84,9 @@ def raw_copy(env: Environment, count: int) -> dict[str, float]:
             lines.append((invoice_id, j + 1, f"S-{j}", "Widget", Decimal(2), Decimal("10.00"), Decimal(0),
                           Decimal("20.00")))
         events.append((uuid.UUID(payload["eventId"]), "invoice.created", "bench-copy", invoice_id, 1, Jsonb(payload)))
+        history.append(("bench-copy", invoice_id, number, "bench-copy", "bench-copy", "invoices.bulk_import",
+                        Jsonb([{"type": "invoice.created", "sequence": 1}]), None, "PartiallyPaid", "USD",
+                        Decimal("60.00"), Decimal("40.00"), Decimal("20.00")))
     columns = ("id, tenant_id, invoice_number, order_id, source, shipment_id, status, invoice_date, due_date, "
                "payment_terms, currency, customer, customer_id, imported_invoice_total, imported_balance, "
                "subtotal, discount_amount, tax_amount, invoice_total, amount_paid, balance, is_active, "
@@ -97,6 +102,9 @@ def raw_copy(env: Environment, count: int) -> dict[str, float]:
                 copy.write_row(row)
         with cursor.copy("COPY outbox (event_id, type, tenant_id, invoice_id, sequence, payload) FROM STDIN") as copy:
             for row in events:
+                copy.write_row(row)
+        with cursor.copy(f"COPY invoice_history ({', '.join(HISTORY_COLUMNS)}) FROM STDIN") as copy:
+            for row in history:
                 copy.write_row(row)
         conn.commit()
     seconds = time.monotonic() - started

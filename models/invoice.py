@@ -94,17 +94,18 @@ class InvoiceRules(InvoiceLifecycle, InvoicePayments):
         return self.imported_invoice_total - (self.imported_balance if self.imported_balance is not None else self.imported_invoice_total)
 
     def _follow_balance(self) -> None:
-        """In Issued, PartiallyPaid and Paid the status follows the balance:
-        nothing paid → Issued, part → PartiallyPaid, all → Paid."""
+        """In Issued, PartiallyPaid and Paid the status follows the balance."""
         if self.status not in SETTLING:
             return
+        self._move_to(self._settled_status())
+
+    def _settled_status(self) -> InvoiceStatus:
+        """What the balance says: nothing paid → Issued, part → PartiallyPaid, all → Paid."""
         if self.balance <= 0:
-            target = S.PAID
-        elif self.amount_paid <= 0:
-            target = S.ISSUED
-        else:
-            target = S.PARTIALLY_PAID
-        self._move_to(target)
+            return S.PAID
+        if self.amount_paid <= 0:
+            return S.ISSUED
+        return S.PARTIALLY_PAID
 
     def _move_to(self, target: InvoiceStatus) -> None:
         if self.status != target:

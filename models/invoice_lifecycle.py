@@ -49,10 +49,8 @@ class InvoiceLifecycle:
             line_items=[], payments=[],
         )
         invoice._apply_content({"invoice_date": now.date(), **content}, creating=True)
-        if invoice.imported_amount_paid > 0:
-            invoice.status = S.ISSUED
-            invoice._follow_balance()
-            invoice.pending_events.clear()
+        if invoice.imported_amount_paid > 0:  # starts where its balance says, with no status_changed event
+            invoice.status = invoice._settled_status()
         if announce:
             invoice._record("invoice.created", invoice=invoice.to_json())
         return invoice
