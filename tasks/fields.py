@@ -21,15 +21,7 @@ MAX_DIGITS = 12
 def _to_decimal(value: Any) -> Decimal:
     """Amounts are decimal strings ("120.50"); JSON numbers are accepted too, a float through its
     shortest repr, so 0.1 stays 0.1 and 0.30000000000000004 is caught by the decimals check."""
-    if isinstance(value, bool):
-        raise ValueError("must be a decimal string, not a boolean")
-    if isinstance(value, int):
-        result = Decimal(value)
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        result = Decimal(repr(value))
-    elif isinstance(value, str):
+    if isinstance(value, str):  # the usual case first
         text = value.strip()
         if not DECIMAL.match(text):
             raise ValueError(f"must be a decimal string like \"120.50\", got {value[:40]!r}")
@@ -37,6 +29,14 @@ def _to_decimal(value: Any) -> Decimal:
             result = Decimal(text)
         except InvalidOperation:
             raise ValueError(f"must be a decimal string like \"120.50\", got {value[:40]!r}") from None
+    elif isinstance(value, bool):
+        raise ValueError("must be a decimal string, not a boolean")
+    elif isinstance(value, int):
+        result = Decimal(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        result = Decimal(repr(value))
     elif isinstance(value, Decimal):
         result = value
     else:
@@ -73,7 +73,7 @@ PositiveAmount = Annotated[Decimal, BeforeValidator(_to_decimal), AfterValidator
 def _quantity(value: Decimal) -> Decimal:
     if value.adjusted() >= 6:
         raise ValueError("must be below 1,000,000")
-    if -value.normalize().as_tuple().exponent > 6:  # type: ignore[operator]
+    if -value.as_tuple().exponent > 6 and -value.normalize().as_tuple().exponent > 6:  # type: ignore[operator]
         raise ValueError("may have at most 6 decimals")
     return value
 

@@ -127,7 +127,7 @@ def check_decimals(currency: str | None, amounts: dict[str, Decimal | None]) -> 
         return
     places = minor_unit(currency)
     for name, value in amounts.items():
-        if value is not None and -value.normalize().as_tuple().exponent > places:
+        if value is not None and -value.as_tuple().exponent > places and -value.normalize().as_tuple().exponent > places:
             raise ValueError(f"{name} {value} has more decimals than {currency} allows ({places})")
 
 
