@@ -110,6 +110,13 @@ class Environment:
             cursor = conn.execute(query, params)
             return cursor.fetchall() if cursor.description else []
 
+    def settle(self) -> None:
+        """The database as a timed part should find it: no vacuum owed by the rows an earlier part
+        wrote or updated, no checkpoint owed for them (else autovacuum and the checkpointer do that
+        work inside the next part's window, on the same two cores)."""
+        self.sql("VACUUM (ANALYZE)")
+        self.sql("CHECKPOINT")
+
     def queue_drained(self) -> bool:
         if self.amqp:
             # RabbitMQ counts delivered-but-unacknowledged messages only in its management API:
