@@ -129,6 +129,7 @@ def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
                worker_env: dict[str, str] | None = None, nodes: int = 1) -> dict[str, float]:
     """From the first publish to the last event published, with the relay running (and `nodes`
     worker nodes of `concurrency` pool processes each)."""
+    env.settle()
     procs = [worker(concurrency, worker_env) for _ in range(nodes)]
     rel = relay()
     try:
@@ -148,6 +149,7 @@ def duplicates(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
     ids = [b["messageId"] for b in bodies]
     caused = "SELECT count(*) FROM outbox WHERE causation_id = ANY(%s)"
     before = env.sql(caused, (ids,))[0][0]
+    env.settle()
     proc = worker(concurrency, worker_env)
     try:
         with PeakMemory(proc) as memory:
@@ -174,6 +176,7 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
 
     from worker.celery_app import app
 
+    env.settle()
     proc, rel = worker(concurrency, worker_env), relay()
     name = f"bench-latency-{uuid.uuid4().hex[:6]}"
     with Connection(env.broker_url) as conn:
