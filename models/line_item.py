@@ -68,7 +68,8 @@ class LineValues(LineRules):
 def build_line(position: int, item: dict[str, Any], currency: str, make: type[LineRules] = LineItem) -> LineRules:
     """A line (a `make`: LineItem or LineValues): quantity × unitPrice − its discount, which may not
     exceed quantity × unitPrice."""
-    quantity = Decimal(str(item["quantity"]))
+    given = item["quantity"]
+    quantity = given if isinstance(given, Decimal) else Decimal(str(given))
     if not quantity.is_finite() or quantity <= 0:
         raise DomainError("invalid-line-item", f"line {position}: quantity must be greater than zero")
     unit_price = money(item["unit_price"], currency, field=f"line {position} unitPrice")
