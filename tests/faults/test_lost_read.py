@@ -29,8 +29,8 @@ class CutAtScriptReply(TcpCut):
         self.reply_dropped = threading.Event()
 
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
-        to_server = sink.getpeername()[1] == self.target[1]
         try:
+            to_server = sink.getpeername()[1] == self.target[1]
             while data := source.recv(65536):
                 if not to_server and self.script_sent.is_set():
                     self.reply_dropped.set()
