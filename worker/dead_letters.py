@@ -43,7 +43,7 @@ def _raw(data: bytes, encoding: str) -> dict[str, Any]:
 
 def jsonable(value: Any) -> Any:
     """Bodies are stored as received. Bytes, and JSON that jsonb cannot hold (NUL characters,
-    lone surrogates, more than MAX_STORED_BYTES), are kept as base64; `original_body` gives them
+    lone surrogates, Infinity or NaN, more than MAX_STORED_BYTES), are kept as base64; `original_body` gives them
     back. Whatever the value, this returns something storable: it never raises."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return _raw(bytes(value), "bytes")
@@ -53,9 +53,21 @@ def jsonable(value: Any) -> Any:
         shown = reprlib.Repr()  # bounded: depth 6, strings and lists cut short
         shown.maxstring = shown.maxother = 10_000
         return {"unserialisable": shown.repr(value), "error": f"{type(exc).__name__}: {exc}"[:1000]}
-    if len(text) > MAX_STORED_BYTES or _UNSTORABLE_ESCAPE.search(text):
+    if len(text) > MAX_STORED_BYTES or _UNSTORABLE_ESCAPE.search(text) or _beyond_json(value, text):
         return _raw(text.encode("utf-8", errors="surrogatepass"), "json")
     return value
+
+
+def _beyond_json(value: Any, text: str) -> bool:
+    """Infinity or NaN: Python's JSON (kombu's) writes and reads them, jsonb refuses them (a body
+    carrying one could not be dead-lettered and went round the broker for ever)."""
+    if "Infinity" not in text and "NaN" not in text:
+        return False
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return True
+    return False
 
 
 def original_body(stored: Any) -> Any:

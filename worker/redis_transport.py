@@ -37,6 +37,8 @@ _lock = threading.Lock()
 # Messages of this process that could not be handed back (or not even registered as delivered)
 # because the broker was away: delivery tag → (payload, exchange, routing key).
 _orphans: dict[str, tuple[dict, str, str]] = {}
+# Reads whose POP_WITHIN reply was lost: the `unacked` index score their messages were registered with.
+_lost_reads: set[str] = set()
 
 
 def orphans() -> frozenset[str]:
@@ -61,7 +63,7 @@ def _remember_payloads(payloads: list[dict]) -> None:
 class QoS(redis.QoS):
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
-        # Delivery tags already written to the `unacked` hash by Channel._register_many.
+        # Delivery tags already written to the `unacked` hash by the read's script (POP_WITHIN).
         self.registered: set[str] = set()
 
     def held_bytes(self) -> int:
@@ -117,6 +119,8 @@ def restore_orphans(qos: QoS) -> int:
     """Hand back the remembered messages through this channel, at the head of their queues (they
     waited longest): from the `unacked` hash where kombu registered them (removing them there), else
     from the copy kept here. Those it cannot reach yet stay remembered."""
+    if not _find_lost_reads(qos):
+        return 0
     with _lock:
         pending = list(_orphans.items())
     restored = 0
@@ -127,7 +131,8 @@ def restore_orphans(qos: QoS) -> int:
             pipe.multi()
             pipe.zrem(qos.unacked_index_key, tag).hdel(qos.unacked_key, tag)
             message, ex, rk = loads(bytes_to_str(registered)) if registered else (payload, exchange, routing_key)
-            qos.channel._do_restore_message(message, ex, rk, pipe)
+            if message is not None:  # None: a lost read's message no longer registered, acknowledged meanwhile
+                qos.channel._do_restore_message(message, ex, rk, pipe)
 
         try:
             with qos.channel.conn_or_acquire() as client:
@@ -142,6 +147,26 @@ def restore_orphans(qos: QoS) -> int:
     return restored
 
 
+def _find_lost_reads(qos: QoS) -> bool:
+    """Turn each read whose POP_WITHIN reply was lost into orphans: the messages registered in the
+    `unacked` index with that read's score (the script ran) are handed back from the hash; none
+    registered (the script never ran) leaves nothing to do. False when the broker is away still."""
+    with _lock:
+        reads = list(_lost_reads)
+    for score in reads:
+        try:
+            with qos.channel.conn_or_acquire() as client:
+                tags = client.zrangebyscore(qos.unacked_index_key, score, score)
+        except qos.channel.connection_errors + (OSError,):
+            return False
+        with _lock:
+            for tag in tags:
+                # no copy of its own: hand_back takes it from the hash, or finds it gone (acknowledged)
+                _orphans.setdefault(bytes_to_str(tag), (None, None, None))
+            _lost_reads.discard(score)
+    return True
+
+
 def held_limit() -> int:
     from worker.config import settings
 
@@ -153,15 +178,33 @@ def held_limit() -> int:
 # 100 payments is 30 KB; imports are what this bounds (measured, 60 imports of 1,000 invoices with
 # batching on: worker PSS 439 MB with room for eight, 357 MB with two; 254 MB with batching off).
 HELD_MESSAGES_OF_MAX_SIZE = 2
-# Up to ARGV[1] more messages from the list, while their bytes stay within ARGV[2] (the last one
-# taken may pass it): one round trip, bounded memory.
+# Up to ARGV[1] more messages from the list KEYS[1], while their bytes stay within ARGV[2] (the last
+# one taken may pass it): one round trip, bounded memory. Each is registered in the `unacked` hash
+# KEYS[2] and its index KEYS[3] (scored ARGV[3]) in the same script, as kombu registers a delivery
+# ([payload, exchange, routing key], the payload's bytes as they were), and so is the message BRPOP
+# answered with (tag ARGV[4], entry ARGV[5]): a reply lost on the wire leaves them all registered,
+# where the channel that lost it finds them by that score (restore_orphans), none nowhere.
 POP_WITHIN = """
+local function delivery(item)
+  local info = cjson.decode(item)['properties']
+  local where = info['delivery_info']
+  return info['delivery_tag'], cjson.encode(where['exchange']), cjson.encode(where['routing_key'])
+end
 local taken, bytes = {}, 0
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
 for i = 1, tonumber(ARGV[1]) do
   if bytes >= tonumber(ARGV[2]) then break end
   local item = redis.call('RPOP', KEYS[1])
   if not item then break end
+  local ok, tag, exchange, routing_key = pcall(delivery, item)
+  if not ok or type(tag) ~= 'string' then
+    redis.call('RPUSH', KEYS[1], item)  -- not a kombu message: back where it was, for BRPOP to take alone
+    break
+  end
   bytes = bytes + #item
+  redis.call('ZADD', KEYS[3], ARGV[3], tag)
+  redis.call('HSET', KEYS[2], tag, '[' .. item .. ',' .. exchange .. ',' .. routing_key .. ']')
   taken[#taken + 1] = item
 end
 return taken
@@ -230,11 +273,12 @@ class Channel(redis.Channel):
 
     def _brpop_read(self, **options):  # noqa: ANN003 - kombu's signature
         """kombu's read of a BRPOP answer, plus: when the consumer has room, up to MORE_PER_READ
-        more messages of the same queue (within the bytes it may still hold), taken with one
-        script and registered in the `unacked` hash with one pipeline before any is delivered
-        (kombu: a pipeline per message). A busy worker
-        then costs three round trips per read instead of two per message. The messages taken
-        but not yet registered when the broker goes away are remembered (handed back later)."""
+        more messages of the same queue (within the bytes it may still hold), taken and registered
+        in the `unacked` hash, with the one BRPOP answered with, by one script before any is
+        delivered (kombu: a pipeline per message). A busy worker then costs two round trips per
+        read instead of two per message. When the connection drops meanwhile, the BRPOP message is
+        remembered, and the script's, if it ran, are found registered under its score: all are
+        handed back when the broker answers again (tests/faults/test_lost_read.py)."""
         try:
             try:
                 dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
@@ -252,8 +296,6 @@ class Channel(redis.Channel):
                 room = 0
             if room > 0 and self._pop_many:
                 payloads += self._pop_more(key, min(room, self.MORE_PER_READ), payloads)
-            if len(payloads) > 1:
-                self._register_many(payloads)
             for payload in payloads:
                 self.connection._deliver(payload, dest)
             return True
@@ -262,33 +304,32 @@ class Channel(redis.Channel):
             self._flush_brpop_reauth()
 
     def _pop_more(self, key: bytes, count: int, taken: list[dict]) -> list[dict]:
+        """Up to `count` more messages of the queue `key`, every one and the one BRPOP answered with
+        (`taken`) registered as delivered by the same script (POP_WITHIN)."""
         budget = held_limit() - self.qos.held_bytes() - len(dumps(taken[0]))
         if budget <= 0:
             return []
+        qos, first = self.qos, taken[0]
+        tag, info = first["properties"]["delivery_tag"], first["properties"]["delivery_info"]
+        score = repr(time())
         try:
-            items = self.client.eval(POP_WITHIN, 1, key, count, budget)
-        except redis.redis.ResponseError:  # no scripting on this server: one message per read, as kombu
-            self._pop_many = False
+            items = self.client.eval(POP_WITHIN, 3, key, qos.unacked_key, qos.unacked_index_key, count, budget, score,
+                                     tag, dumps([first, info["exchange"], info["routing_key"]]))
+        except redis.redis.ResponseError as exc:
+            # Refused before it took anything (its first write comes before any RPOP): a full
+            # noeviction server (OOM) refuses it for now; no scripting at all: one message per read, as kombu
+            if not str(exc).startswith("OOM"):
+                self._pop_many = False
             return []
         except Exception:
+            # The script may have run with its reply lost: what it took is registered under `score`.
             _remember_payloads(taken)
+            with _lock:
+                _lost_reads.add(score)
             raise
-        return [loads(bytes_to_str(item)) for item in items or ()]
-
-    def _register_many(self, payloads: list[dict]) -> None:
-        qos = self.qos
-        try:
-            with qos.pipe_or_acquire() as pipe:
-                for payload in payloads:
-                    tag = payload["properties"]["delivery_tag"]
-                    info = payload["properties"]["delivery_info"]
-                    pipe.zadd(qos.unacked_index_key, {tag: time()})
-                    pipe.hset(qos.unacked_key, tag, dumps([payload, info["exchange"], info["routing_key"]]))
-                pipe.execute()
-        except Exception:
-            _remember_payloads(payloads)
-            raise
-        qos.registered.update(p["properties"]["delivery_tag"] for p in payloads)
+        more = [loads(bytes_to_str(item)) for item in items or ()]
+        qos.registered.update(p["properties"]["delivery_tag"] for p in [first, *more])
+        return more
 
     def basic_ack_many(self, delivery_tags: list[str]) -> None:
         self.qos.ack_many(delivery_tags)

@@ -141,18 +141,60 @@ def settled(database_url: str, ledger: Ledger, expected_dead: dict[str, str]) ->
     return all(key in done or key[1] in dead for key in ledger.keys()) and set(expected_dead) <= dead
 
 
-def wait_settled(database_url: str, ledger: Ledger, expected_dead: dict[str, str], timeout: float) -> float:
-    """Wait until everything sent has its outcome; the moment it had, as time.monotonic()."""
+def wait_settled(database_url: str, ledger: Ledger, expected_dead: dict[str, str], timeout: float,
+                 broker_url: str | None = None) -> float:
+    """Wait until everything sent has its outcome; the moment it had, as time.monotonic(). With a
+    Redis `broker_url`, a message still missing is named with where the broker holds it."""
     deadline = time.monotonic() + timeout
     while not settled(database_url, ledger, expected_dead):
         if time.monotonic() > deadline:
             dead = {m for m, _, _ in dead_letters(database_url)}
             missing = [key for key in ledger.keys() - set(outcomes(database_url)) if key[1] not in dead]
-            shown = ", ".join(f"{ledger.messages[m].task} {m}" for _, m in missing[:5])
+            found = held_by_redis(broker_url, {m for _, m in missing[:5]}) if broker_url else {}
+            shown = ", ".join(f"{ledger.messages[m].task} {m}" + (f" [{found.get(m, 'nowhere')}]" if broker_url else "")
+                              for _, m in missing[:5])
             raise AssertionError(f"{len(missing)} of {len(ledger.messages)} messages have no outcome after {timeout}s "
                                  f"({shown}); dead letters expected but missing: {set(expected_dead) - dead}")
         time.sleep(0.2)
     return time.monotonic()
+
+
+def held_by_redis(broker_url: str, message_ids: set[str]) -> dict[str, str]:
+    """Where a Redis broker holds these messages (by body messageId): 'list <queue>' or 'unacked'.
+    One not named is in no list and not in the unacked hash: taken off its queue and gone."""
+    import base64
+    import json
+
+    import redis
+
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return {}
+
+    def message_id(raw: bytes) -> str | None:
+        try:
+            payload = json.loads(raw)
+            if isinstance(payload, list):  # an unacked entry: [payload, exchange, routing key]
+                payload = payload[0]
+            body = payload["body"]
+            if payload["properties"].get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            return json.loads(body)[0][0].get("messageId")
+        except Exception:
+            return None
+
+    where: dict[str, str] = {}
+    client = redis.Redis.from_url(broker_url)
+    try:
+        for key in client.scan_iter(count=1000):
+            kind = client.type(key)
+            items = client.lrange(key, 0, -1) if kind == b"list" else client.hvals(key) if kind == b"hash" else []
+            for raw in items:
+                found = message_id(raw)
+                if found in message_ids:
+                    where[found] = f"{'list' if kind == b'list' else 'hash'} {key.decode()}"
+    finally:
+        client.close()
+    return where
 
 
 def check(database_url: str, ledger: Ledger, tap: EventTap, *, expected_dead: dict[str, str] | None = None,

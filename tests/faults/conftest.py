@@ -170,19 +170,17 @@ class TcpCut:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
+        """End every connection on both sides at once, as a proxy or firewall resetting them does: the
+        server sees its clients go (a blocked BRPOP is dropped at once, not left to take the next
+        message for up to its timeout, as after a silent partition: README, "Brokers")."""
         with self._lock:
             if self._listener is not None:
-                try:
-                    self._listener.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                _shut(self._listener)
                 self._listener.close()
                 self._listener = None
+            for sock in self._open:  # every side first: a pipe thread may close its pair meanwhile
+                _shut(sock)
             for sock in self._open:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 sock.close()
             self._open.clear()
 
@@ -214,11 +212,21 @@ class TcpCut:
         except OSError:
             pass
         finally:
+            # shutdown before close: close() alone does not end a socket another thread is blocked in
+            # recv() on (the kernel keeps it open for that call), so the far side would not see the end
             for sock in (source, sink):
+                _shut(sock)
                 try:
                     sock.close()
                 except OSError:
                     pass
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already shut, closed or never connected
+        pass
 
 
 class FaultEnvironment:

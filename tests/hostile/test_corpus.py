@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import psutil
 import psycopg
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from tests.conftest import ROOT, wait_for
 from tests.faults.checker import Ledger, conninfo, dead_letters, outcomes, wait_settled
@@ -140,6 +140,9 @@ def test_fuzzed_bodies_end_dead_lettered_rejected_or_applied(scenario):
 
     @settings(max_examples=120, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(mutated())
+    # Infinity: Python's JSON writes it, jsonb refuses it; the dead letter could not be stored and the
+    # message went round for ever (a full run failed once on a drawn float('inf'))
+    @example({**VALID, "currency": [{"x": True}, float("inf")], "messageId": f"fz-{uuid.uuid4()}"})
     def collect(body: dict) -> None:
         bodies.append(body)
 
@@ -151,8 +154,8 @@ def test_fuzzed_bodies_end_dead_lettered_rejected_or_applied(scenario):
     wait_settled(scenario.database_url, ledger, {}, timeout=60)
 
     def ended(body: dict) -> bool:
-        tenant = body.get("tenantId")
-        return (isinstance(tenant, str) and (tenant, body["messageId"]) in outcomes(scenario.database_url)) or \
+        tenant = body.get("tenantId")  # the worker strips an id's surrounding whitespace (tasks/fields.py Id)
+        return (isinstance(tenant, str) and (tenant.strip(), body["messageId"]) in outcomes(scenario.database_url)) or \
             body["messageId"] in {m for m, _, _ in dead_letters(scenario.database_url)}
 
     import time

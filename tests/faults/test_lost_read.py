@@ -1,0 +1,92 @@
+"""A read's reply lost on the wire (worker/redis_transport.py): after a BRPOP answer, one script
+takes up to 100 more messages of the queue. When the connection drops after the broker ran that
+script and before its reply arrived, those messages are off their list; the script registers them
+as delivered (the `unacked` hash) in the same step, so the channel that lost the reply finds and
+hands them back as soon as the broker answers again. Before, they existed nowhere (1 of 5 came back:
+the one BRPOP answered with). Real broker, real sockets: the proxy cuts exactly at that reply."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from tests.faults.conftest import TcpCut
+
+EVAL = b"$4\r\nEVAL\r\n"  # the request of a script sent whole (EVALSHA is another command)
+
+
+class CutAtScriptReply(TcpCut):
+    """Forwards everything until a client sends EVAL; the broker runs it, and the proxy cuts every
+    connection instead of passing its reply on."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.script_sent = threading.Event()
+        self.reply_dropped = threading.Event()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            to_server = sink.getpeername()[1] == self.target[1]
+            while data := source.recv(65536):
+                if not to_server and self.script_sent.is_set():
+                    self.reply_dropped.set()
+                    self.cut()
+                    return
+                if to_server and EVAL in data:
+                    self.script_sent.set()
+                sink.sendall(data)
+        except OSError:
+            pass
+
+
+def test_messages_taken_by_a_script_whose_reply_is_lost_come_back(fault_environment):
+    broker = fault_environment.broker
+    if not broker.url.startswith("redis"):
+        pytest.skip("the Redis transport's read")
+    from worker.redis_transport import TRANSPORT
+
+    broker.flush()
+    name = f"lost-read-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    sent = [f"m-{i}" for i in range(5)]
+    with Connection(broker.url, transport=TRANSPORT) as direct:
+        producer = Producer(direct.default_channel)
+        queue(producer.channel).declare()
+        for message_id in sent:
+            producer.publish({"messageId": message_id}, exchange=queue.exchange, routing_key=name, serializer="json")
+
+    received: list[str] = []
+
+    def consume(url: str, until_error: bool) -> None:
+        with Connection(url, transport=TRANSPORT, transport_options={"visibility_timeout": 3600}) as conn:
+            channel = conn.channel()
+            channel.basic_qos(0, 10, False)
+
+            def on_message(body, message):  # noqa: ANN001
+                received.append(body["messageId"])
+                message.ack()
+
+            with Consumer(channel, queues=[queue], callbacks=[on_message], accept=["json"]):
+                if until_error:
+                    with pytest.raises(conn.connection_errors):
+                        conn.drain_events(timeout=5)
+                    return
+                while len(received) < len(sent):
+                    try:
+                        conn.drain_events(timeout=5)
+                    except socket.timeout:
+                        break
+
+    proxy = CutAtScriptReply(broker.port)
+    proxy.up()
+    consume(broker.url_via(proxy.port), until_error=True)
+    assert proxy.reply_dropped.is_set(), "the proxy never saw the read's script"
+    assert received == []
+    # The broker answers again (the proxy is not needed for that): the same worker process reads on.
+    consume(broker.url, until_error=False)
+    proxy.cut()
+    assert sorted(received) == sent, f"taken off the queue and never delivered: {sorted(set(sent) - set(received))}"
