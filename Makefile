@@ -1,4 +1,6 @@
 # The README's commands. Each one creates .venv when missing and installs the project.
+# (The install prints setuptools' "BuildBackendWarning: Editable installation": information that an
+# editable install finds the packages in this directory, which is what it is for; harmless.)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
