@@ -217,13 +217,18 @@ LEFT_OUT_POLL_SECONDS = 0.05
 
 def one_at_a_time_queues() -> dict[str, int]:
     """The imports queue (large, long messages) may hold no more than the ordinary prefetch
-    (WORKER_CONCURRENCY × WORKER_PREFETCH_MULTIPLIER), however far batching raises the channel's
-    prefetch count for the message queues. (A worker consuming imports alone, which BRPOP cannot
-    leave out, keeps kombu's behaviour: bounded by the prefetch count and the held bytes.)"""
+    (WORKER_CONCURRENCY × WORKER_PREFETCH_MULTIPLIER) and one more, however far batching raises the
+    channel's prefetch count for the message queues. The one more is the next import, decoded and
+    ready when a pool process frees up: with exactly one per process, a freed process waited for
+    the main process to notice (up to LEFT_OUT_POLL_SECONDS), fetch and hand over the next one
+    (measured on a quiet machine, 50,000 invoices, alternating: 8,616 and 8,076 invoices/s
+    without it, 8,951 and 8,739 with it; peak PSS 246 → 252 MB). (A worker consuming imports
+    alone, which BRPOP cannot leave out, keeps kombu's behaviour: bounded by the prefetch count
+    and the held bytes.)"""
     from worker.config import settings
 
     config = settings()
-    limit = config.worker_concurrency * config.worker_prefetch_multiplier
+    limit = config.worker_concurrency * config.worker_prefetch_multiplier + 1
     return {"invoices.imports": limit}
 
 
