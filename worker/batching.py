@@ -186,10 +186,13 @@ class Batcher:
         else:
             self.due = True
 
-    def flush(self) -> None:
+    def _cancel_timer(self) -> None:
         if self.timer_ref is not None:
             self.timer_ref.cancel()
             self.timer_ref = None
+
+    def flush(self) -> None:
+        self._cancel_timer()
         self.due = False
         batch, self.buffer = self.buffer, []
         if not batch:
@@ -217,9 +220,7 @@ class Batcher:
                                        soft_timeout=config.task_soft_time_limit, timeout=config.task_time_limit)
 
     def discard(self) -> None:
-        if self.timer_ref is not None:
-            self.timer_ref.cancel()
-            self.timer_ref = None
+        self._cancel_timer()
         self.buffer = []
 
     def _ended(self) -> None:
