@@ -8,7 +8,6 @@ import platform
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import psutil
 

@@ -12,7 +12,6 @@ from models.base import utcnow
 from models.errors import DomainError
 from models.line_item import build_line
 from models.money import ZERO, format_money, minor_unit, money
-from models.payment import PaymentStatus
 from models.rules import (
     CONTENT_FIELDS, FINAL, LATE_EDITABLE, S, check_discount, due_date_from_terms, order_discount,
 )

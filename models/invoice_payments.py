@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.base import utcnow
 from models.errors import DomainError, PaymentNotYetKnown
-from models.money import ZERO, format_money, money
+from models.money import format_money, money
 from models.payment import Payment, PaymentStatus, Refund
 from models.rules import SETTLING, S
 

@@ -57,25 +57,40 @@ def round_money(amount: Decimal, currency: str, *, field: str = "amount") -> Dec
     if not amount.is_finite() or (amount and amount.adjusted() >= MONEY_DIGITS):
         raise DomainError("amount-too-large", f"{field} {amount:.4E} is beyond what an invoice can hold "
                                               f"(less than 10^16 {currency})")
-    return amount.quantize(_quantum(currency), ROUND_HALF_UP)
+    return amount.quantize(_QUANTA.get(currency) or _quantum(currency), ROUND_HALF_UP)
+
+
+def too_precise(amount: Decimal, currency: str) -> bool:
+    """More decimals than the currency's minor unit allows, trailing zeros aside ("10.000" is
+    10.00 for USD): the amount is not its own rounding. (A quantize and a compare take ~90 ns,
+    reading the exponent from as_tuple() ~260 ns.)"""
+    try:
+        return amount != amount.quantize(_QUANTA.get(currency) or _quantum(currency))
+    except InvalidOperation:  # more digits than the context holds: compare the exponents
+        exponent = amount.normalize().as_tuple().exponent
+        return isinstance(exponent, int) and -exponent > minor_unit(currency)
 
 
 def money(value: Decimal | int | str, currency: str, *, field: str = "amount") -> Decimal:
     """A given amount: exact, finite, and with no more decimals than the currency allows."""
+    if isinstance(value, Decimal) and value.is_finite():
+        # The usual case in one quantize: an amount that is its own rounding and fits the columns.
+        try:
+            rounded = value.quantize(_QUANTA.get(currency) or _quantum(currency), ROUND_HALF_UP)
+        except InvalidOperation:  # more digits than the context holds: the checks below say which
+            rounded = None
+        if rounded == value and (not rounded or rounded.adjusted() < MONEY_DIGITS):
+            return rounded
     try:
         amount = Decimal(value) if not isinstance(value, Decimal) else value
     except (InvalidOperation, TypeError, ValueError):
         raise DomainError("invalid-amount", f"{field} {value!r} is not a decimal number") from None
     if not amount.is_finite():
         raise DomainError("invalid-amount", f"{field} must be a finite number, got {value}")
-    decimals = minor_unit(currency)
-    exponent = amount.as_tuple().exponent  # normalized only when it may be trailing zeros ("10.000")
-    if isinstance(exponent, int) and -exponent > decimals:
-        exponent = amount.normalize().as_tuple().exponent
-    if isinstance(exponent, int) and -exponent > decimals:
+    if too_precise(amount, currency):
         raise DomainError(
             "invalid-amount",
-            f"{field} {amount} has more decimals than {currency} allows ({decimals})",
+            f"{field} {amount} has more decimals than {currency} allows ({minor_unit(currency)})",
         )
     return round_money(amount, currency, field=field)
 

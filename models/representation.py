@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from models.money import format_money
+from models.money import round_money
 
 if TYPE_CHECKING:
     from models.invoice import Invoice
@@ -14,7 +14,7 @@ def invoice_json(invoice: "Invoice") -> dict[str, Any]:
     c = invoice.currency
 
     def amount(value: Any) -> str | None:
-        return None if value is None else format_money(value, c)
+        return None if value is None else str(round_money(value, c))  # format_money, one call less
 
     return {
         "id": str(invoice.id),

@@ -15,8 +15,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from models.money import minor_unit
-from tasks.fields import Amount, Code, Currency, Id, Percent, PositiveAmount, Quantity, Short, Text
+from models.money import minor_unit, too_precise
+from tasks.fields import Amount, Code, Currency, Id, PositiveAmount, Quantity, Short, Text
 from worker.unit_of_work import InvoiceAddress
 
 
@@ -125,10 +125,9 @@ def check_decimals(currency: str | None, amounts: dict[str, Decimal | None]) -> 
     """An amount may not carry more decimals than its currency's minor unit."""
     if currency is None:
         return
-    places = minor_unit(currency)
     for name, value in amounts.items():
-        if value is not None and -value.as_tuple().exponent > places and -value.normalize().as_tuple().exponent > places:
-            raise ValueError(f"{name} {value} has more decimals than {currency} allows ({places})")
+        if value is not None and too_precise(value, currency):
+            raise ValueError(f"{name} {value} has more decimals than {currency} allows ({minor_unit(currency)})")
 
 
 class InvoiceFields(Schema):
@@ -160,10 +159,13 @@ class InvoiceFields(Schema):
         }
         if self.discount is not None and self.discount.type == "Amount":
             amounts["discount.value"] = self.discount.value
-        for i, line in enumerate(self.line_items or []):
-            amounts[f"lineItems.{i}.unitPrice"] = line.unit_price
-            amounts[f"lineItems.{i}.discountAmount"] = line.discount_amount
         check_decimals(self.currency, amounts)
+        if self.currency is not None:
+            for i, line in enumerate(self.line_items or ()):  # named only when one fails
+                if too_precise(line.unit_price, self.currency) or (
+                        line.discount_amount is not None and too_precise(line.discount_amount, self.currency)):
+                    check_decimals(self.currency, {f"lineItems.{i}.unitPrice": line.unit_price,
+                                                   f"lineItems.{i}.discountAmount": line.discount_amount})
         return self
 
     def content(self) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from models.payment import Payment
 from worker import db, dead_letters
 from worker.config import settings
 from worker.handling import (
-    CONFLICT_ATTEMPTS, CONFLICT_SQLSTATES, UNIQUE_VIOLATION, MalformedMessage, Operation, _sqlstate, dead_letter,
+    CONFLICT_ATTEMPTS, CONFLICT_SQLSTATES, MalformedMessage, Operation, _sqlstate, dead_letter,
     parse, rejection,
 )
 from worker.operations import logs, metrics

@@ -14,7 +14,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from worker.cli import cli, console
-from worker.import_file import FileLine, read
+from worker.import_file import read
 
 COUNTS = ("created", "updated", "unchanged", "deactivated", "rejected")
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import DBAPIError
 
 from models.errors import DomainError
+from tasks.fields import STORABLE
 from worker import db, dead_letters
 from worker.unit_of_work import Outcome, UnitOfWork
 
@@ -41,11 +42,20 @@ class MalformedMessage(Exception):
         self.reason = reason
 
 
+def _message(err: Any) -> str:
+    """pydantic's message, or ours where its own says less (the storable-text pattern)."""
+    if err["type"] == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == STORABLE:
+        return "may not contain a NUL character"
+    if err["type"] == "string_unicode":
+        return "contains a lone surrogate, which is not text"
+    return err["msg"]
+
+
 def describe_validation(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:10]:
         where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
+        parts.append(f"{where}: {_message(err)}")
     more = len(exc.errors()) - 10
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 

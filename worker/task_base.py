@@ -92,7 +92,8 @@ class InvoiceTask(Task):
         try:
             message = parse(schema, body, args, kwargs)
         except MalformedMessage as exc:
-            return self.retrying(lambda: dead_letter(self.delivery(body), exc.reason, exc.error).to_dict())
+            malformed = exc  # `exc` is unbound when the except block ends; the lambda keeps its own name
+            return self.retrying(lambda: dead_letter(self.delivery(body), malformed.reason, malformed.error).to_dict())
         return self.retrying(lambda: execute(self.name, message, operation).to_dict())
 
     def retrying(self, work: Callable[[], T]) -> T:

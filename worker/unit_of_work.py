@@ -108,14 +108,20 @@ def derived_id(purpose: str, tenant_id: str, *parts: object) -> uuid.UUID:
     return uuid.uuid5(ID_NAMESPACE, json.dumps([purpose, tenant_id, *(str(p) for p in parts)]))
 
 
+def occurred_at(moment: datetime) -> str:
+    """An event's occurredAt: UTC, milliseconds, Z."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def event_envelope(*, type_: str, tenant_id: str, invoice_id: uuid.UUID | None, invoice_number: str | None,
-                   sequence: int | None, causation_id: str | None, data: dict[str, Any]) -> dict[str, Any]:
-    """The published shape of every event (CONTRACT.md section 6)."""
-    now = datetime.now(timezone.utc)
+                   sequence: int | None, causation_id: str | None, data: dict[str, Any],
+                   at: str | None = None) -> dict[str, Any]:
+    """The published shape of every event (CONTRACT.md section 6). `at`: occurredAt made once for
+    many events of one moment (bulk import's batch), else now."""
     return {
         "eventId": str(uuid.uuid4()), "type": type_, "tenantId": tenant_id,
         "invoiceId": str(invoice_id) if invoice_id else None, "invoiceNumber": invoice_number,
-        "sequence": sequence, "occurredAt": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "sequence": sequence, "occurredAt": at or occurred_at(datetime.now(timezone.utc)),
         "causationId": causation_id, "data": data,
     }
 
