@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from sqlalchemy import ForeignKey, Integer, Numeric, String, Text
@@ -11,7 +11,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base
 from models.errors import DomainError
-from models.money import ZERO, money, round_money
+from models.money import ZERO, money, quantum, round_money
 from models.payment import MONEY
 
 
@@ -27,15 +27,17 @@ class LineRules:
             "unit_price": self.unit_price, "discount_amount": self.discount_amount,
         }
 
-    def to_json(self, currency: str) -> dict[str, Any]:
+    def to_json(self, currency: str, q: Decimal | None = None) -> dict[str, Any]:
+        """`q`: the currency's quantum, when the caller has it (models/money.py quantum)."""
+        q = q or quantum(currency)
         return {
             "lineNumber": self.position,
             "sku": self.sku,
             "description": self.description,
             "quantity": str(self.quantity.normalize()) if self.quantity == self.quantity.to_integral() else str(self.quantity),
-            "unitPrice": str(round_money(self.unit_price, currency)),  # format_money, one call less
-            "discountAmount": str(round_money(self.discount_amount, currency)),
-            "lineTotal": str(round_money(self.line_total, currency)),
+            "unitPrice": str(self.unit_price.quantize(q, ROUND_HALF_UP)),  # format_money (see quantum)
+            "discountAmount": str(self.discount_amount.quantize(q, ROUND_HALF_UP)),
+            "lineTotal": str(self.line_total.quantize(q, ROUND_HALF_UP)),
         }
 
 

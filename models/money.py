@@ -46,6 +46,14 @@ def _quantum(currency: str) -> Decimal:
     return quantum
 
 
+def quantum(currency: str) -> Decimal:
+    """The currency's minor unit as a Decimal (0.01 for USD), for formatting many amounts an
+    invoice holds: `str(amount.quantize(q, ROUND_HALF_UP))` is format_money without its checks,
+    which such amounts have passed (round_money made them, or a Numeric(20, 4) column held them).
+    An invoice.created event formats 17 amounts for an invoice of 3 lines."""
+    return _QUANTA.get(currency) or _quantum(currency)
+
+
 # Money columns are Numeric(20, 4): sixteen digits before the point. A computed amount beyond
 # that (1,000 lines of 10^11 each, a quantity of 10^8 at 10^11) is rejected, never a database error.
 MONEY_DIGITS = 16

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from decimal import ROUND_HALF_UP
 from typing import TYPE_CHECKING, Any
 
-from models.money import round_money
+from models.money import quantum
 
 if TYPE_CHECKING:
     from models.invoice import Invoice
@@ -12,9 +13,10 @@ if TYPE_CHECKING:
 
 def invoice_json(invoice: "Invoice") -> dict[str, Any]:
     c = invoice.currency
+    q = quantum(c)
 
     def amount(value: Any) -> str | None:
-        return None if value is None else str(round_money(value, c))  # format_money, one call less
+        return None if value is None else str(value.quantize(q, ROUND_HALF_UP))  # format_money (see quantum)
 
     return {
         "id": str(invoice.id),
@@ -33,7 +35,7 @@ def invoice_json(invoice: "Invoice") -> dict[str, Any]:
         "notes": invoice.notes,
         "customer": invoice.customer or {},
         "salesRep": invoice.sales_rep,
-        "lineItems": [line.to_json(c) for line in invoice.line_items],
+        "lineItems": [line.to_json(c, q) for line in invoice.line_items],
         "discount": invoice.discount,
         "subtotal": amount(invoice.subtotal),
         "discountAmount": amount(invoice.discount_amount),
