@@ -95,7 +95,7 @@ def test_a_batch_is_one_transaction_and_a_bad_message_costs_only_itself(running,
     malformed = batch_worker.send("invoices.record_payment", payment(tenant, number, "ten dollars"))
     refund = batch_worker.send("invoices.refund_payment", command(
         tenant, number, paymentId=str(uuid.uuid4()), amount="1.00", referenceNumber="R-1", reason="test"))
-    copy = batch_worker.send("invoices.record_payment", dict(first))  # the same messageId, in the same batch
+    batch_worker.send("invoices.record_payment", dict(first))  # a copy: the same messageId, in the same batch
     second = batch_worker.send("invoices.record_payment", payment(tenant, number, "5.00"))
     batch_worker.start()
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from models.errors import DomainError
 from tests.conftest import ROOT, EventCollector, invoice_json, new_tenant, outcome_of, send, wait_for, wait_outcome
 from tests.end_to_end.test_delivery import issued_invoice, payment
 from worker import db

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import uuid
 
 import pytest
 from sqlalchemy.engine import make_url

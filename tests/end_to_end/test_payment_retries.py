@@ -16,7 +16,7 @@ from sqlalchemy import select
 from models.payment import Payment
 from tasks.payments import retry_policy
 from tests.conftest import EventCollector, Processes, new_tenant, wait_for
-from tests.end_to_end.test_delivery import issued_invoice, payment
+from tests.end_to_end.test_delivery import issued_invoice
 from tests.end_to_end.test_payments import callback, command, deliver, start
 from worker import db
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 import uuid
 
 import psutil
@@ -65,7 +64,7 @@ def test_a_message_that_kills_its_process_is_dead_lettered_worker_lost(scenario,
     bodies = [payment(tenant, numbers[i % 10], a) for i, a in enumerate(amounts(200, seed=5))]
     Stream(scenario.publisher(), ledger, "invoices.record_payment", bodies, per_second=20).start().join()
     expected = {poison["messageId"]: "worker-lost"}
-    done = wait_settled(scenario.database_url, ledger, expected, timeout=120)
+    wait_settled(scenario.database_url, ledger, expected, timeout=120)  # raises when it does not settle
     killer.stop.set()
     verdict = check(scenario.database_url, ledger, tap, expected_dead=expected)
     reliability.append(ReliabilityRow(
