@@ -278,7 +278,6 @@ def send(task: str, body: Any) -> str:
 
 
 def outcome_of(tenant_id: str, message_id: str) -> dict[str, Any] | None:
-
     from worker import db
     from worker.records import InboxMessage
 
