@@ -17,13 +17,23 @@ in the hash: BRPOP had already taken them off their list), and the next channel 
 broker hands them back. A message restored twice (once here, once by kombu's visibility sweep)
 runs twice; the inbox makes the second run a duplicate. A message restored while its
 task still finishes on the old connection runs twice; the inbox makes the second run a duplicate.
+
+The read: kombu takes a message with BRPOP, which removes it from its list as it answers; an
+answer the network drops (a cut in that instant, or a connection the broker still thinks alive)
+loses the message. Here a read is one script (TAKE) that takes up to 100 messages of the first
+consumed list that has any and registers each as delivered (`unacked`) before it answers: a lost
+answer leaves them registered, and the channel hands them back (restore_orphans). Nothing blocks
+in the script, so an empty read is followed by a wait at the broker on a key nobody writes
+(BLPOP, 5 ms and doubling while the queues stay empty, at most POLL_MAX_SECONDS), then the next
+read: an idle worker polls, and a message waits at most that long before it is taken.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
-
+import uuid
 from time import monotonic, time
 
 from kombu.transport import redis
@@ -37,7 +47,7 @@ _lock = threading.Lock()
 # Messages of this process that could not be handed back (or not even registered as delivered)
 # because the broker was away: delivery tag → (payload, exchange, routing key).
 _orphans: dict[str, tuple[dict, str, str]] = {}
-# Reads whose POP_WITHIN reply was lost: the `unacked` index score their messages were registered with.
+# Reads (TAKE) whose reply was lost: the `unacked` index score their messages were registered with.
 _lost_reads: set[str] = set()
 
 
@@ -53,17 +63,10 @@ def _remember(messages: list) -> None:
             _orphans[message.delivery_tag] = (message._raw, info["exchange"], info["routing_key"])
 
 
-def _remember_payloads(payloads: list[dict]) -> None:
-    with _lock:
-        for payload in payloads:
-            info = payload["properties"]["delivery_info"]
-            _orphans[payload["properties"]["delivery_tag"]] = (payload, info["exchange"], info["routing_key"])
-
-
 class QoS(redis.QoS):
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
-        # Delivery tags already written to the `unacked` hash by the read's script (POP_WITHIN).
+        # Delivery tags already written to the `unacked` hash by the read's script (TAKE).
         self.registered: set[str] = set()
 
     def held_bytes(self) -> int:
@@ -148,7 +151,7 @@ def restore_orphans(qos: QoS) -> int:
 
 
 def _find_lost_reads(qos: QoS) -> bool:
-    """Turn each read whose POP_WITHIN reply was lost into orphans: the messages registered in the
+    """Turn each read whose TAKE reply was lost into orphans: the messages registered in the
     `unacked` index with that read's score (the script ran) are handed back from the hash; none
     registered (the script never ran) leaves nothing to do. False when the broker is away still."""
     with _lock:
@@ -178,41 +181,46 @@ def held_limit() -> int:
 # 100 payments is 30 KB; imports are what this bounds (measured, 60 imports of 1,000 invoices with
 # batching on: worker PSS 439 MB with room for eight, 357 MB with two; 254 MB with batching off).
 HELD_MESSAGES_OF_MAX_SIZE = 2
-# Up to ARGV[1] more messages from the list KEYS[1], while their bytes stay within ARGV[2] (the last
-# one taken may pass it): one round trip, bounded memory. Each is registered in the `unacked` hash
-# KEYS[2] and its index KEYS[3] (scored ARGV[3]) in the same script, as kombu registers a delivery
-# ([payload, exchange, routing key], the payload's bytes as they were), and so is the message BRPOP
-# answered with (tag ARGV[4], entry ARGV[5]): a reply lost on the wire leaves them all registered,
-# where the channel that lost it finds them by that score (restore_orphans), none nowhere.
-POP_WITHIN = """
-local function delivery(item)
-  local info = cjson.decode(item)['properties']
-  local where = info['delivery_info']
-  return info['delivery_tag'], cjson.encode(where['exchange']), cjson.encode(where['routing_key'])
-end
-local taken, bytes = {}, 0
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
-for i = 1, tonumber(ARGV[1]) do
-  if bytes >= tonumber(ARGV[2]) then break end
-  local item = redis.call('RPOP', KEYS[1])
-  if not item then break end
-  local ok, tag, exchange, routing_key = pcall(delivery, item)
-  if not ok or type(tag) ~= 'string' then
-    redis.call('RPUSH', KEYS[1], item)  -- not a kombu message: back where it was, for BRPOP to take alone
-    break
+# A read. KEYS: the `unacked` hash, its index, then the consumed lists in the order to try them.
+# ARGV: the byte budget, the index score, the tag prefix, then for each list the most messages to
+# take from it, its queue's name as JSON, and '1' to register what it takes ('0' for a no-ack
+# consumer's). From the first list that has any: up to that many messages, while their bytes stay
+# within the budget (the last one taken may pass it), each
+# registered in the hash (tag = prefix .. n) as kombu registers a delivery ([payload, exchange,
+# routing key]; the default exchange and the queue's name, which is where kombu's restore puts a
+# message back) and in the index, before the reply. Reply: the list's position, then the messages.
+# An item that is not a JSON object (not a kombu message) is registered as a JSON string; the
+# worker dead-letters it (Channel._payload).
+TAKE = """
+local budget, score, prefix = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+for i = 1, #KEYS - 2 do
+  local item = redis.call('RPOP', KEYS[i + 2])
+  if item then
+    local most, queue, register = tonumber(ARGV[1 + 3 * i]), ARGV[2 + 3 * i], ARGV[3 + 3 * i] == '1'
+    local taken, bytes = {i}, 0
+    while item do
+      if register then
+        local tag = prefix .. #taken
+        local entry = item
+        if string.byte(item, 1) ~= 123 or string.byte(item, -1) ~= 125 then entry = cjson.encode(item) end
+        redis.call('HSET', KEYS[1], tag, '[' .. entry .. ',"",' .. queue .. ']')
+        redis.call('ZADD', KEYS[2], score, tag)
+      end
+      taken[#taken + 1] = item
+      bytes = bytes + #item
+      if #taken > most or bytes >= budget then break end
+      item = redis.call('RPOP', KEYS[i + 2])
+    end
+    return taken
   end
-  bytes = bytes + #item
-  redis.call('ZADD', KEYS[3], ARGV[3], tag)
-  redis.call('HSET', KEYS[2], tag, '[' .. item .. ',' .. exchange .. ',' .. routing_key .. ']')
-  taken[#taken + 1] = item
 end
-return taken
+return {}
 """
-
-
-# While a queue is left out of BRPOP, how long BRPOP waits on the others before it looks again.
-LEFT_OUT_POLL_SECONDS = 0.05
+# After an empty read, the wait at the broker before the next: 5 ms, doubling while reads stay
+# empty, at most POLL_MAX_SECONDS (an idle worker then costs two round trips per POLL_MAX_SECONDS;
+# a message published to an idle worker waits at most that long).
+POLL_MIN_SECONDS = 0.005
+POLL_MAX_SECONDS = 0.05
 
 
 def one_at_a_time_queues() -> dict[str, int]:
@@ -220,11 +228,9 @@ def one_at_a_time_queues() -> dict[str, int]:
     (WORKER_CONCURRENCY × WORKER_PREFETCH_MULTIPLIER) and one more, however far batching raises the
     channel's prefetch count for the message queues. The one more is the next import, decoded and
     ready when a pool process frees up: with exactly one per process, a freed process waited for
-    the main process to notice (up to LEFT_OUT_POLL_SECONDS), fetch and hand over the next one
-    (measured on a quiet machine, 50,000 invoices, alternating: 8,616 and 8,076 invoices/s
-    without it, 8,951 and 8,739 with it; peak PSS 246 → 252 MB). (A worker consuming imports
-    alone, which BRPOP cannot leave out, keeps kombu's behaviour: bounded by the prefetch count
-    and the held bytes.)"""
+    the main process to notice, fetch and hand over the next one (measured on a quiet machine,
+    50,000 invoices, alternating: 8,616 and 8,076 invoices/s without it, 8,951 and 8,739 with it;
+    peak PSS 246 → 252 MB). A read takes one import at most."""
     from worker.config import settings
 
     config = settings()
@@ -234,9 +240,16 @@ def one_at_a_time_queues() -> dict[str, int]:
 
 class Channel(redis.Channel):
     QoS = QoS
-    # The most messages taken from a queue in one read, beside the one BRPOP answered with.
-    MORE_PER_READ = 100
-    _pop_many = True
+    # The most messages taken in one read.
+    MOST_PER_READ = 101
+    # False when the broker refuses scripts: kombu's BRPOP, with its window (README, "Brokers").
+    _scripted = True
+    _brpop_once = False
+    _no_ack_queues: frozenset[str] = frozenset()
+    _empty_reads = 0  # empty reads in a row: the wait after the last one doubles with each
+    _wait_next = False
+    # The read in flight: its index score, its queues (one per list) and its tag prefix.
+    _take: tuple[str, list[str], str] | None = None
 
     def _held_per_queue(self) -> dict[str, int]:
         held: dict[str, int] = {}
@@ -246,28 +259,68 @@ class Channel(redis.Channel):
                 held[queue] = held.get(queue, 0) + 1
         return held
 
-    def _brpop_start(self, timeout=None):  # noqa: ANN001 - kombu's signature
-        """kombu's BRPOP over the consumed queues, leaving out a one-at-a-time queue (imports) that
-        already holds its share: measured, 60 imports with batching on took 2,093 invoices/s and
-        357 MB when the worker held ~27 of them, 3,368/s and 262 MB holding ~4."""
+    def _consumable(self) -> tuple[list[str], bool]:
+        """The consumed queues in kombu's fair order, leaving out a one-at-a-time queue (imports)
+        that already holds its share (measured, 60 imports with batching on took 2,093 invoices/s
+        and 357 MB when the worker held ~27 of them, 3,368/s and 262 MB holding ~4); and whether
+        one was left out."""
+        consumed = self._queue_cycle.consume(len(self.active_queues))
         limits = self._one_at_a_time
         if not limits:
-            return super()._brpop_start(timeout)
-        if timeout is None:
-            timeout = self.brpop_timeout
+            return consumed, False
         held = self._held_per_queue()
-        consumed = self._queue_cycle.consume(len(self.active_queues))
         queues = [q for q in consumed if held.get(q, 0) < limits.get(q, 1 << 30)] or consumed
-        if len(queues) < len(consumed):  # come back soon for the queue left out (Redis 6: fractions of a second)
-            timeout = min(timeout or 1, LEFT_OUT_POLL_SECONDS)
-        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues] + [timeout or 0]
+        return queues, len(queues) < len(consumed)
+
+    def _send(self, *command_args: object) -> None:
+        """Send a read's command on the channel's polled connection. Keys get the global key
+        prefix: kombu's for BRPOP, here for TAKE's (kombu prefixes no EVAL); the wait's key is
+        private either way."""
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
-        command_args = ["BRPOP", *keys]
-        if self.global_keyprefix:
-            command_args = self.client._prefix_args(command_args)
+        if self.global_keyprefix and command_args[0] != "EVAL":
+            command_args = tuple(self.client._prefix_args(list(command_args)))
         self.client.connection.send_command(*command_args)
+
+    def _brpop_start(self, timeout=None):  # noqa: ANN001 - kombu's signature
+        """Send the next read: TAKE over the consumable queues, or, after an empty read, the wait."""
+        queues, left_out = self._consumable()
+        if not queues:
+            return None
+        if not self._scripted or self._brpop_once:
+            self._brpop_once = False
+            keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+            wait = timeout if timeout is not None else self.brpop_timeout
+            if left_out:  # come back soon for the queue left out (Redis 6: fractions of a second)
+                wait = min(wait or 1, POLL_MAX_SECONDS)
+            return self._send("BRPOP", *keys, wait or 0)
+        if self._wait_next:
+            self._wait_next = False
+            wait = min(POLL_MIN_SECONDS * 2 ** min(self._empty_reads - 1, 10), POLL_MAX_SECONDS)
+            return self._send("BLPOP", self._wait_key, wait)
+        pairs = [(self._q_for_pri(queue, pri), queue) for pri in self.priority_steps for queue in queues]
+        room = self.qos.can_consume_max_estimate() if self.qos.prefetch_count else self.MOST_PER_READ
+        most = max(1, min(room or 1, self.MOST_PER_READ))
+        budget = max(1, held_limit() - self.qos.held_bytes())
+        score, prefix = repr(time()), f"{uuid.uuid4()}:"
+        argv: list[object] = [budget, score, prefix]
+        for _, queue in pairs:
+            argv += [1 if queue in self._one_at_a_time else most, dumps(queue),
+                     "0" if queue in self._no_ack_queues else "1"]
+        p = self.global_keyprefix or ""
+        keys = [p + key for key in (self.qos.unacked_key, self.qos.unacked_index_key, *(key for key, _ in pairs))]
+        self._take = (score, [queue for _, queue in pairs], prefix)
+        try:
+            self._send("EVAL", TAKE, len(keys), *keys, *argv)
+        except Exception:
+            self._lost_take()
+            raise
         return None
+
+    @cached_property
+    def _wait_key(self) -> str:
+        """A key nobody writes: a BLPOP on it is a wait at the broker that takes nothing."""
+        return f"{self.unacked_key}:wait:{uuid.uuid4().hex}"
 
     @cached_property
     def _one_at_a_time(self) -> dict[str, int]:
@@ -276,14 +329,60 @@ class Channel(redis.Channel):
         except Exception:  # not a worker of this project (a publisher, a tool): kombu's behaviour
             return {}
 
+    def _lost_take(self) -> None:
+        """The read in flight may have run with its reply lost: what it took is registered under its
+        score, and the channel that reaches the broker next hands it back (restore_orphans)."""
+        take, self._take = self._take, None
+        if take is not None:
+            with _lock:
+                _lost_reads.add(take[0])
+
     def _brpop_read(self, **options):  # noqa: ANN003 - kombu's signature
-        """kombu's read of a BRPOP answer, plus: when the consumer has room, up to MORE_PER_READ
-        more messages of the same queue (within the bytes it may still hold), taken and registered
-        in the `unacked` hash, with the one BRPOP answered with, by one script before any is
-        delivered (kombu: a pipeline per message). A busy worker then costs two round trips per
-        read instead of two per message. When the connection drops meanwhile, the BRPOP message is
-        remembered, and the script's, if it ran, are found registered under its score: all are
-        handed back when the broker answers again (tests/faults/test_lost_read.py)."""
+        """Read the reply of the read in flight: TAKE's messages delivered; nothing (Empty) for an
+        empty read or a wait. A reply lost to the connection: see _lost_take."""
+        take = self._take
+        if take is None:  # a wait, or kombu's BRPOP
+            return self._read_brpop(**options)
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, "EVAL", **options)
+            except self.connection_errors:
+                self._lost_take()
+                self.client.connection.disconnect()
+                raise
+            except redis.redis.ResponseError as exc:
+                # Refused before it took anything (its first write is an RPOP): a full noeviction
+                # server (OOM) refuses scripts for now, and BRPOP takes the next message; no
+                # scripting at all: BRPOP from now on.
+                self._take = None
+                if str(exc).startswith("OOM"):
+                    self._brpop_once = True
+                else:
+                    log.warning("the broker refuses scripts (%s); reading with BRPOP, which can lose a message "
+                                "whose answer the network drops (README, \"Brokers\")", exc)
+                    self._scripted = False
+                raise redis.Empty() from None
+            self._take = None
+            if not reply:
+                self._empty_reads += 1
+                self._wait_next = True
+                raise redis.Empty()
+            self._empty_reads = 0
+            _score, queues, prefix = take
+            dest = queues[int(reply[0]) - 1]
+            self._queue_cycle.rotate(dest)
+            tags = [f"{prefix}{n}" for n in range(1, len(reply))]
+            if dest not in self._no_ack_queues:
+                self.qos.registered.update(tags)
+            for tag, item in zip(tags, reply[1:]):
+                self.connection._deliver(self._payload(item, tag, dest), dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _read_brpop(self, **options):  # noqa: ANN003
+        """A wait's reply (nothing), or kombu's BRPOP read (no scripting, or a full server)."""
         try:
             try:
                 dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
@@ -295,52 +394,62 @@ class Channel(redis.Channel):
             key, item = dest__item
             dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            payloads = [loads(bytes_to_str(item))]
-            room = self.qos.can_consume_max_estimate() - 1 if self.qos.prefetch_count else 0
-            if dest in self._one_at_a_time:
-                room = 0
-            if room > 0 and self._pop_many:
-                payloads += self._pop_more(key, min(room, self.MORE_PER_READ), payloads)
-            for payload in payloads:
-                self.connection._deliver(payload, dest)
+            self._empty_reads = 0
+            self.connection._deliver(loads(bytes_to_str(item)), dest)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
 
-    def _pop_more(self, key: bytes, count: int, taken: list[dict]) -> list[dict]:
-        """Up to `count` more messages of the queue `key`, every one and the one BRPOP answered with
-        (`taken`) registered as delivered by the same script (POP_WITHIN)."""
-        budget = held_limit() - self.qos.held_bytes() - len(dumps(taken[0]))
-        if budget <= 0:
-            return []
-        qos, first = self.qos, taken[0]
-        tag, info = first["properties"]["delivery_tag"], first["properties"]["delivery_info"]
-        score = repr(time())
+    @staticmethod
+    def _payload(item: bytes, tag: str, queue: str) -> dict:
+        """A taken message as kombu delivers it, under the tag TAKE registered it with. An item that
+        is no kombu message becomes one no serializer reads, so that the worker dead-letters it
+        whole (`undecodable`) and acknowledges it, instead of failing the read."""
         try:
-            items = self.client.eval(POP_WITHIN, 3, key, qos.unacked_key, qos.unacked_index_key, count, budget, score,
-                                     tag, dumps([first, info["exchange"], info["routing_key"]]))
-        except redis.redis.ResponseError as exc:
-            # Refused before it took anything (its first write comes before any RPOP): a full
-            # noeviction server (OOM) refuses it for now; no scripting at all: one message per read, as kombu
-            if not str(exc).startswith("OOM"):
-                self._pop_many = False
-            return []
-        except Exception:
-            # The script may have run with its reply lost: what it took is registered under `score`.
-            _remember_payloads(taken)
-            with _lock:
-                _lost_reads.add(score)
-            raise
-        more = [loads(bytes_to_str(item)) for item in items or ()]
-        qos.registered.update(p["properties"]["delivery_tag"] for p in [first, *more])
-        return more
+            payload = loads(bytes_to_str(item))
+            properties = payload["properties"]
+            properties["delivery_tag"] = tag
+            properties.setdefault("delivery_info", {}).setdefault("routing_key", queue)
+            return payload
+        except Exception:  # noqa: BLE001 - whatever it is, it is kept whole
+            return {"body": base64.b64encode(item).decode(), "content-encoding": "binary",
+                    "content-type": "application/x-not-a-kombu-message", "headers": {},
+                    "properties": {"body_encoding": "base64", "delivery_tag": tag, "priority": 0,
+                                   "delivery_info": {"exchange": "", "routing_key": queue}}}
+
+    def _poll_error(self, type, **options):  # noqa: ANN001, ANN003 - kombu's signature
+        if type == "BRPOP":
+            self._lost_take()
+        return super()._poll_error(type, **options)
+
+    def close(self):
+        """kombu reads the reply of a read in flight before it closes; when that fails, what the
+        read took is handed back by the next channel."""
+        try:
+            return super().close()
+        finally:
+            self._lost_take()
+
+    def basic_cancel(self, consumer_tag):  # noqa: ANN001 - kombu's signature
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._tag_to_queue.values():
+            self._no_ack_queues = self._no_ack_queues - {queue}
+        return result
 
     def basic_ack_many(self, delivery_tags: list[str]) -> None:
         self.qos.ack_many(delivery_tags)
 
-    def basic_consume(self, *args, **kwargs):  # noqa: ANN002, ANN003
-        result = super().basic_consume(*args, **kwargs)
+    def basic_consume(self, queue, no_ack, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003 - kombu's signature
+        # A no-ack consumer (a reply queue: Celery's control replies) is never acknowledged: what a
+        # read takes for it is not registered as delivered (it would come back after the
+        # visibility timeout), as kombu does not register it.
+        if no_ack:
+            self._no_ack_queues = self._no_ack_queues | {queue}
+        else:
+            self._no_ack_queues = self._no_ack_queues - {queue}
+        result = super().basic_consume(queue, no_ack, *args, **kwargs)
         try:
             restore_orphans(self.qos)
         except Exception:  # the next periodic restore tries again

@@ -1,14 +1,18 @@
-"""A read's reply lost on the wire (worker/redis_transport.py): after a BRPOP answer, one script
-takes up to 100 more messages of the queue. When the connection drops after the broker ran that
-script and before its reply arrived, those messages are off their list; the script registers them
-as delivered (the `unacked` hash) in the same step, so the channel that lost the reply finds and
-hands them back as soon as the broker answers again. Before, they existed nowhere (1 of 5 came back:
-the one BRPOP answered with). Real broker, real sockets: the proxy cuts exactly at that reply."""
+"""A read's reply lost on the wire (worker/redis_transport.py). A read is one script (TAKE) that
+takes up to 100 messages of a queue and registers them as delivered (the `unacked` hash) in the
+same step. When the connection drops after the broker ran it and before its reply arrived, those
+messages are off their list but registered, so the channel that lost the reply finds and hands
+them back as soon as the broker answers again. (With kombu's BRPOP, and later with BRPOP followed
+by such a script, the messages of a lost reply existed nowhere: 0, then 1, of 5 came back.) And
+nothing blocks at the broker waiting to take a message: behind a silent partition, a message
+published meanwhile stays on its list (kombu's BRPOP took it and lost it). Real broker, real
+sockets: the proxy cuts exactly at the reply, or drops everything while the connections stay up."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 import uuid
 
 import pytest
@@ -90,3 +94,67 @@ def test_messages_taken_by_a_script_whose_reply_is_lost_come_back(fault_environm
     consume(broker.url, until_error=False)
     proxy.cut()
     assert sorted(received) == sent, f"taken off the queue and never delivered: {sorted(set(sent) - set(received))}"
+
+
+class Partition(TcpCut):
+    """Forwards until partitioned; then drops whatever either side sends while every connection
+    stays open: the broker does not notice its client is gone, as behind a silent partition."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.partitioned = threading.Event()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if not self.partitioned.is_set():
+                    sink.sendall(data)
+        except OSError:
+            pass
+
+
+def test_a_message_published_behind_a_silent_partition_stays_on_its_queue(fault_environment):
+    broker = fault_environment.broker
+    if not broker.url.startswith("redis"):
+        pytest.skip("the Redis transport's read")
+    import redis
+
+    from worker.redis_transport import TRANSPORT
+
+    broker.flush()
+    name = f"partition-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    proxy = Partition(broker.port)
+    proxy.up()
+    received: list[str] = []
+    stop = threading.Event()
+
+    def consume() -> None:
+        with Connection(broker.url_via(proxy.port), transport=TRANSPORT) as conn:
+            channel = conn.channel()
+            with Consumer(channel, queues=[queue], callbacks=[lambda body, message: received.append(body)],
+                          accept=["json"]):
+                while not stop.is_set():
+                    try:
+                        conn.drain_events(timeout=0.1)
+                    except (socket.timeout, *conn.connection_errors):
+                        pass
+
+    with Connection(broker.url, transport=TRANSPORT) as direct:
+        producer = Producer(direct.default_channel)
+        queue(producer.channel).declare()
+        consumer = threading.Thread(target=consume, daemon=True)
+        consumer.start()
+        time.sleep(1.5)  # the consumer reads on, idle: empty reads and waits at the broker
+        proxy.partitioned.set()
+        time.sleep(0.3)  # what it sent before has run (a read, or a wait of at most 50 ms)
+        producer.publish({"messageId": "behind-the-partition"}, exchange=queue.exchange, routing_key=name,
+                         serializer="json")
+        time.sleep(1.5)  # kombu's BRPOP, sent before the partition, waits up to 1 s to take it
+        server = redis.Redis(port=broker.port)
+        on_queue, registered = server.llen(name), server.hlen("unacked")
+        stop.set()
+        consumer.join(timeout=5)
+        proxy.cut()
+        assert received == []
+        assert (on_queue, registered) == (1, 0), "taken off its queue by a read whose answer went nowhere"
