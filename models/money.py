@@ -39,19 +39,16 @@ def is_currency(currency: str) -> bool:
 _QUANTA: dict[str, Decimal] = {}
 
 
-def _quantum(currency: str) -> Decimal:
-    quantum = _QUANTA.get(currency)
-    if quantum is None:
-        quantum = _QUANTA[currency] = Decimal(1).scaleb(-minor_unit(currency))
-    return quantum
-
-
 def quantum(currency: str) -> Decimal:
-    """The currency's minor unit as a Decimal (0.01 for USD), for formatting many amounts an
+    """The currency's minor unit as a Decimal (0.01 for USD). Also for formatting many amounts an
     invoice holds: `str(amount.quantize(q, ROUND_HALF_UP))` is format_money without its checks,
     which such amounts have passed (round_money made them, or a Numeric(20, 4) column held them).
-    An invoice.created event formats 17 amounts for an invoice of 3 lines."""
-    return _QUANTA.get(currency) or _quantum(currency)
+    An invoice.created event formats 17 amounts for an invoice of 3 lines. The hot paths below
+    read _QUANTA first and call this only for a currency not seen yet (a call less per amount)."""
+    q = _QUANTA.get(currency)
+    if q is None:
+        q = _QUANTA[currency] = Decimal(1).scaleb(-minor_unit(currency))
+    return q
 
 
 # Money columns are Numeric(20, 4): sixteen digits before the point. A computed amount beyond
@@ -65,7 +62,7 @@ def round_money(amount: Decimal, currency: str, *, field: str = "amount") -> Dec
     if not amount.is_finite() or (amount and amount.adjusted() >= MONEY_DIGITS):
         raise DomainError("amount-too-large", f"{field} {amount:.4E} is beyond what an invoice can hold "
                                               f"(less than 10^16 {currency})")
-    return amount.quantize(_QUANTA.get(currency) or _quantum(currency), ROUND_HALF_UP)
+    return amount.quantize(_QUANTA.get(currency) or quantum(currency), ROUND_HALF_UP)
 
 
 def too_precise(amount: Decimal, currency: str) -> bool:
@@ -73,7 +70,7 @@ def too_precise(amount: Decimal, currency: str) -> bool:
     10.00 for USD): the amount is not its own rounding. (A quantize and a compare take ~90 ns,
     reading the exponent from as_tuple() ~260 ns.)"""
     try:
-        return amount != amount.quantize(_QUANTA.get(currency) or _quantum(currency))
+        return amount != amount.quantize(_QUANTA.get(currency) or quantum(currency))
     except InvalidOperation:  # more digits than the context holds: compare the exponents
         exponent = amount.normalize().as_tuple().exponent
         return isinstance(exponent, int) and -exponent > minor_unit(currency)
@@ -84,7 +81,7 @@ def money(value: Decimal | int | str, currency: str, *, field: str = "amount") -
     if isinstance(value, Decimal) and value.is_finite():
         # The usual case in one quantize: an amount that is its own rounding and fits the columns.
         try:
-            rounded = value.quantize(_QUANTA.get(currency) or _quantum(currency), ROUND_HALF_UP)
+            rounded = value.quantize(_QUANTA.get(currency) or quantum(currency), ROUND_HALF_UP)
         except InvalidOperation:  # more digits than the context holds: the checks below say which
             rounded = None
         if rounded == value and (not rounded or rounded.adjusted() < MONEY_DIGITS):

@@ -6,7 +6,8 @@ them back as soon as the broker answers again. (With kombu's BRPOP, and later wi
 by such a script, the messages of a lost reply existed nowhere: 0, then 1, of 5 came back.) And
 nothing blocks at the broker waiting to take a message: behind a silent partition, a message
 published meanwhile stays on its list (kombu's BRPOP took it and lost it). Real broker, real
-sockets: the proxy cuts exactly at the reply, or drops everything while the connections stay up."""
+sockets: the proxy cuts exactly at the reply, or drops everything while the connections stay up.
+A no-ack consumer's reads are not registered at all (kombu does not register them either)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,38 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
+import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from tests.faults.conftest import TcpCut
 
 EVAL = b"$4\r\nEVAL\r\n"  # the request of a script sent whole (EVALSHA is another command)
+
+
+def redis_queue(fault_environment, prefix: str) -> tuple[Any, Queue, str]:  # noqa: ANN001 - a fixture
+    """The fault environment's broker, flushed, with a fresh queue declared on it, and the Redis
+    transport: these tests are of its read (skipped on RabbitMQ)."""
+    broker = fault_environment.broker
+    if not broker.url.startswith("redis"):
+        pytest.skip("the Redis transport's read")
+    from worker.redis_transport import TRANSPORT
+
+    broker.flush()
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    with Connection(broker.url, transport=TRANSPORT) as conn:
+        queue(conn.default_channel).declare()
+    return broker, queue, TRANSPORT
+
+
+def publish(url: str, transport: str, queue: Queue, bodies: list[dict]) -> None:
+    with Connection(url, transport=transport) as conn:
+        producer = Producer(conn.default_channel)
+        for body in bodies:
+            producer.publish(body, exchange=queue.exchange, routing_key=queue.routing_key, serializer="json")
 
 
 class CutAtScriptReply(TcpCut):
@@ -48,25 +74,14 @@ class CutAtScriptReply(TcpCut):
 
 
 def test_messages_taken_by_a_script_whose_reply_is_lost_come_back(fault_environment):
-    broker = fault_environment.broker
-    if not broker.url.startswith("redis"):
-        pytest.skip("the Redis transport's read")
-    from worker.redis_transport import TRANSPORT
-
-    broker.flush()
-    name = f"lost-read-{uuid.uuid4().hex[:8]}"
-    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    broker, queue, transport = redis_queue(fault_environment, "lost-read")
     sent = [f"m-{i}" for i in range(5)]
-    with Connection(broker.url, transport=TRANSPORT) as direct:
-        producer = Producer(direct.default_channel)
-        queue(producer.channel).declare()
-        for message_id in sent:
-            producer.publish({"messageId": message_id}, exchange=queue.exchange, routing_key=name, serializer="json")
+    publish(broker.url, transport, queue, [{"messageId": message_id} for message_id in sent])
 
     received: list[str] = []
 
     def consume(url: str, until_error: bool) -> None:
-        with Connection(url, transport=TRANSPORT, transport_options={"visibility_timeout": 3600}) as conn:
+        with Connection(url, transport=transport, transport_options={"visibility_timeout": 3600}) as conn:
             channel = conn.channel()
             channel.basic_qos(0, 10, False)
 
@@ -114,23 +129,14 @@ class Partition(TcpCut):
 
 
 def test_a_message_published_behind_a_silent_partition_stays_on_its_queue(fault_environment):
-    broker = fault_environment.broker
-    if not broker.url.startswith("redis"):
-        pytest.skip("the Redis transport's read")
-    import redis
-
-    from worker.redis_transport import TRANSPORT
-
-    broker.flush()
-    name = f"partition-{uuid.uuid4().hex[:8]}"
-    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    broker, queue, transport = redis_queue(fault_environment, "partition")
     proxy = Partition(broker.port)
     proxy.up()
     received: list[str] = []
     stop = threading.Event()
 
     def consume() -> None:
-        with Connection(broker.url_via(proxy.port), transport=TRANSPORT) as conn:
+        with Connection(broker.url_via(proxy.port), transport=transport) as conn:
             channel = conn.channel()
             with Consumer(channel, queues=[queue], callbacks=[lambda body, message: received.append(body)],
                           accept=["json"]):
@@ -140,21 +146,31 @@ def test_a_message_published_behind_a_silent_partition_stays_on_its_queue(fault_
                     except (socket.timeout, *conn.connection_errors):
                         pass
 
-    with Connection(broker.url, transport=TRANSPORT) as direct:
-        producer = Producer(direct.default_channel)
-        queue(producer.channel).declare()
-        consumer = threading.Thread(target=consume, daemon=True)
-        consumer.start()
-        time.sleep(1.5)  # the consumer reads on, idle: empty reads and waits at the broker
-        proxy.partitioned.set()
-        time.sleep(0.3)  # what it sent before has run (a read, or a wait of at most 50 ms)
-        producer.publish({"messageId": "behind-the-partition"}, exchange=queue.exchange, routing_key=name,
-                         serializer="json")
-        time.sleep(1.5)  # kombu's BRPOP, sent before the partition, waits up to 1 s to take it
-        server = redis.Redis(port=broker.port)
-        on_queue, registered = server.llen(name), server.hlen("unacked")
-        stop.set()
-        consumer.join(timeout=5)
-        proxy.cut()
-        assert received == []
-        assert (on_queue, registered) == (1, 0), "taken off its queue by a read whose answer went nowhere"
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    time.sleep(1.5)  # the consumer reads on, idle: empty reads and waits at the broker
+    proxy.partitioned.set()
+    time.sleep(0.3)  # what it sent before has run (a read, or a wait of at most 50 ms)
+    publish(broker.url, transport, queue, [{"messageId": "behind-the-partition"}])
+    time.sleep(1.5)  # kombu's BRPOP, sent before the partition, waits up to 1 s to take it
+    server = redis.Redis(port=broker.port)
+    on_queue, registered = server.llen(queue.name), server.hlen("unacked")
+    stop.set()
+    consumer.join(timeout=5)
+    proxy.cut()
+    assert received == []
+    assert (on_queue, registered) == (1, 0), "taken off its queue by a read whose answer went nowhere"
+
+
+def test_what_a_no_ack_consumer_reads_is_not_left_registered(fault_environment):
+    """A no-ack consumer (Celery's control replies) never acknowledges: a read that registered what
+    it took for one left it in `unacked`, to come back after the visibility timeout."""
+    broker, queue, transport = redis_queue(fault_environment, "no-ack")
+    publish(broker.url, transport, queue, [{"messageId": "reply"}])
+    received: list[dict] = []
+    with Connection(broker.url, transport=transport) as conn:
+        with Consumer(conn.channel(), queues=[queue], callbacks=[lambda body, message: received.append(body)],
+                      accept=["json"], no_ack=True):
+            conn.drain_events(timeout=5)
+    assert received == [{"messageId": "reply"}]
+    assert redis.Redis(port=broker.port).hlen("unacked") == 0

@@ -25,6 +25,8 @@ def test_amounts_are_decimal_strings_and_json_numbers_are_accepted_exactly():
     ("-1.00", "greater than zero"),
     (True, "not a boolean"),
     ("12,50", "decimal string"),
+    ("\u0661\u0662", "decimal string"),  # Arabic-Indic digits: Decimal reads them, the contract's text is ASCII
+    ("1_000", "decimal string"),
     ("1" * 30, "too large"),
 ])
 def test_amounts_that_hurt_are_malformed(amount, fragment):
