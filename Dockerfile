@@ -5,6 +5,7 @@ COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY tasks ./tasks
 COPY models ./models
+COPY messages ./messages
 # The ops extra brings Flower (the flower service of docker-compose.yml).
 RUN pip install ".[ops]"
 COPY examples ./examples

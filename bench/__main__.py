@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 
 import psutil
 
-
 from bench import bulk_import, metrics_cost, payments, pruning, relay_cpu, under_load
 from bench.harness import ROOT, Environment
 from worker.config import settings
@@ -35,7 +34,7 @@ def profile(numbers: list[str]) -> str:
     from pyinstrument import Profiler
 
     import tasks.payments  # noqa: F401 - registers the batchable tasks
-    from worker.batching import Entry, apply_batch
+    from worker.delivery.batching import Entry, apply_batch
 
     batches = [[Entry("invoices.record_payment", f"profile-{i}", json.dumps([[body], {}, {}]), "application/json",
                       "utf-8", {}) for i, body in enumerate(payments.payment_bodies(numbers, 100))] for _ in range(10)]

@@ -1,6 +1,6 @@
 """`python -m bench.brokers [--quick]`: end to end and latency on both brokers, one after the other
 in one run, each with its own embedded PostgreSQL: the embedded Valkey, then a throwaway RabbitMQ
-node (worker/rabbitmq_node.py). Writes its section at the end of BENCHMARKS.md."""
+node (worker/local/rabbitmq_node.py). Writes its section at the end of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def main() -> int:
     args = parser.parse_args()
     n_pay, n_inv, seconds = (2000, 200, 5) if args.quick else (20_000, 2_000, 30)
     from worker.config import settings
-    from worker.rabbitmq_node import RabbitNode, install
+    from worker.local.rabbitmq_node import RabbitNode, install
 
     concurrency = settings().worker_concurrency
     began = time.monotonic()

@@ -49,9 +49,9 @@ def through_worker(env: Environment, count: int, concurrency: int) -> dict[str, 
 
 def created_event(entry: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The invoice.created event the worker writes for an imported entry, made once as a template."""
+    from messages.schemas import ImportEntry
     from models.invoice import Invoice
-    from tasks.messages import ImportEntry
-    from worker.unit_of_work import event_envelope
+    from worker.storage.unit_of_work import event_envelope
 
     content = ImportEntry.model_validate(entry).content()
     invoice = Invoice.create(tenant_id="bench-copy", invoice_number=entry["invoiceNumber"], content=content,
@@ -65,7 +65,7 @@ def raw_copy(env: Environment, count: int) -> dict[str, float]:
     """The same rows (invoice, 3 lines, its invoice.created event with the whole invoice, and its
     invoice_history row, as the worker writes them) with plain COPY, nothing else. (The history
     row came with the audit trail; before 2026-11-28 this baseline left it out: 5 of the 6 rows.)"""
-    from worker.bulk_import import HISTORY_COLUMNS
+    from worker.storage.bulk_import import HISTORY_COLUMNS
     now = datetime.now(timezone.utc)
     template = created_event(entries("R", 1)[0], now)
     invoices, lines, events, history = [], [], [], []

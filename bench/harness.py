@@ -31,7 +31,7 @@ class Environment:
         self.servers = None
         database, broker = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
         if not database or not broker:
-            from worker.embedded import EmbeddedServers
+            from worker.local.embedded import EmbeddedServers
 
             self.servers = EmbeddedServers(Path(tempfile.mkdtemp(prefix="invoice-bench-")), ephemeral=True)
             database = database or self.servers.start_postgres()
@@ -43,21 +43,23 @@ class Environment:
             conn.execute(f'CREATE DATABASE "{self.name}"')
         self.database_url = base.set(database=self.name).render_as_string(hide_password=False)
         self.libpq = make_url(self.database_url).set(drivername="postgresql").render_as_string(hide_password=False)
-        from worker.brokers import is_amqp
+        from worker.brokers.topology import is_amqp
 
         self.amqp = is_amqp(broker)
         # Redis: a database of its own; RabbitMQ: the given vhost, its queues purged below.
         self.broker_url = broker if self.amqp else broker.rsplit("/", 1)[0] + "/5"
         # Metrics off unless a part turns them on (bench.metrics_cost): parts stay comparable with earlier runs.
         os.environ.update({"DATABASE_URL": self.database_url, "BROKER_URL": self.broker_url, "METRICS_PORT": "0"})
-        from worker import brokers, db
-        from worker.celery_app import QUEUES as NAMES, app
+        from worker.brokers import topology
+        from worker.brokers.topology import QUEUES as NAMES
+        from worker.celery_app import app
         from worker.config import settings
-        from worker.migrate import upgrade
+        from worker.storage import db
+        from worker.storage.migrate import upgrade
 
         settings.cache_clear()
         db.reset()
-        brokers.configure(app, tuple(NAMES), self.broker_url, settings().max_deliveries)
+        topology.configure(app, tuple(NAMES), self.broker_url, settings().max_deliveries)
         upgrade(self.database_url)
         if self.amqp:
             self.redis = None
@@ -132,7 +134,7 @@ class Environment:
         return lengths == 0 and self.redis.hlen("unacked") == 0
 
     def close(self) -> None:
-        from worker import db
+        from worker.storage import db
 
         db.reset()
         with psycopg.connect(self.admin, autocommit=True) as conn:

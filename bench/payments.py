@@ -15,9 +15,9 @@ from bench.harness import Environment, PeakMemory, relay, wait, worker
 
 def setup_invoices(env: Environment, count: int) -> list[str]:
     """Issued invoices with room for many payments, made with one bulk import (fast and real)."""
-    from tasks.messages import BulkImport
-    from worker.bulk_import import import_batch
-    from worker.handling import execute, parse
+    from messages.schemas import BulkImport
+    from worker.delivery.handling import execute, parse
+    from worker.storage.bulk_import import import_batch
 
     numbers = [f"B-{i:05d}" for i in range(count)]
     entries = [{"invoiceNumber": n, "currency": "USD", "lineItems": [{"quantity": "1", "unitPrice": "100000.00"}],
@@ -60,10 +60,10 @@ def capture_record_payment(numbers: list[str]) -> list[tuple[str, dict[str, Any]
     """The statements (and parameters) that one record_payment runs, as the worker runs them."""
     from sqlalchemy import event
 
-    from tasks.messages import RecordPayment
+    from messages.schemas import RecordPayment
     from tasks.payments import record_offline_payment
-    from worker import db
-    from worker.handling import execute, parse
+    from worker.delivery.handling import execute, parse
+    from worker.storage import db
 
     captured: list[tuple[str, Any]] = []
 
@@ -190,9 +190,9 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
     def consume_amqp() -> None:
         # RabbitMQ pushes: one plain py-amqp consumer on a connection of its own.
         import socket
+        from urllib.parse import unquote, urlparse
 
         import amqp
-        from urllib.parse import unquote, urlparse
 
         url = urlparse(env.broker_url)
         with amqp.Connection(f"{url.hostname}:{url.port}", userid=url.username, password=url.password,

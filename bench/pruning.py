@@ -24,7 +24,7 @@ def seed(env: Environment, rows: int) -> float:
 
 
 def run(env: Environment, numbers: list[str], rows: int, rate: int, seconds: float, concurrency: int) -> dict[str, Any]:
-    from worker import housekeeping
+    from worker.storage import housekeeping
 
     seed(env, rows)
     without = latency(env, numbers, rate, seconds, concurrency)

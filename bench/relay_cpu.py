@@ -14,7 +14,7 @@ from bench.harness import Environment
 
 
 def run(env: Environment, count: int) -> dict[str, dict[str, float]]:
-    from worker.relay import EVENTS_EXCHANGE, Relay, broker_connection
+    from worker.brokers.relay import EVENTS_EXCHANGE, Relay, broker_connection
 
     name = f"bench-relay-{uuid.uuid4().hex[:6]}"
     with Connection(env.broker_url) as conn:  # one consumer queue bound to every event, as in production

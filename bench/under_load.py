@@ -19,12 +19,12 @@ from bench.harness import ROOT, Environment, relay, worker
 from bench.payments import payment_bodies, publish_payments_until_applied
 
 # (label, a frame that marks it): a sample counts for every stop whose frame is on its stack.
-# Micro-batching is on (the default): the pool processes run worker/batching.py's apply_batch.
+# Micro-batching is on (the default): the pool processes run worker/delivery/batching.py's apply_batch.
 STOPS = [
-    ("a batch, from the pool's view", "apply_batch (worker/batching.py"),
-    ("  parse the bodies (pydantic)", "_prepare (worker/batching.py"),
-    ("  claim the batch's messageIds (one statement)", "_claim (worker/batching.py"),
-    ("  load and lock the batch's invoices (one statement, ORM)", "_load_and_lock (worker/batching.py"),
+    ("a batch, from the pool's view", "apply_batch (worker/delivery/batching.py"),
+    ("  parse the bodies (pydantic)", "_prepare (worker/delivery/batching.py"),
+    ("  claim the batch's messageIds (one statement)", "_claim (worker/delivery/batching.py"),
+    ("  load and lock the batch's invoices (one statement, ORM)", "_load_and_lock (worker/delivery/batching.py"),
     ("  the domain operations", "InvoicePayments.record_payment"),
     ("  ORM flush: invoices (one executemany), payments (one insert)", "Session.flush ("),
     # The batch's multi-row statements run inline in _transaction: py-spy's frames carry the line.
@@ -32,12 +32,12 @@ STOPS = [
     ("  outbox rows (one statement)", "connection.execute(OUTBOX_INSERT, "),
     ("  history rows (one statement)", "connection.execute(HISTORY_INSERT, "),
     ("  COMMIT", "Session.commit ("),
-    ("  log line and metrics of each message", "_report (worker/batching.py"),
+    ("  log line and metrics of each message", "_report (worker/delivery/batching.py"),
 ]
 
 
 def _inline(stops: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """A stop named by a statement of worker/batching.py's _transaction becomes the frame of its
+    """A stop named by a statement of worker/delivery/batching.py's _transaction becomes the frame of its
     line there (one line, the call's first); a statement no longer found there is left out."""
     source = (ROOT / "worker" / "batching.py").read_text().splitlines()
     resolved = []
@@ -46,7 +46,7 @@ def _inline(stops: list[tuple[str, str]]) -> list[tuple[str, str]]:
             lines = [n for n, text in enumerate(source, 1) if text.strip().startswith(frame)]
             if len(lines) != 1:
                 continue
-            frame = f"_transaction (worker/batching.py:{lines[0]})"
+            frame = f"_transaction (worker/delivery/batching.py:{lines[0]})"
         resolved.append((label, frame))
     return resolved
 

@@ -1,4 +1,9 @@
-"""The invoice domain and its persistence."""
+"""The invoice domain and its persistence: the invoice, its lines, payments and refunds, money,
+the rules of every operation, and the events they raise.
+
+Imports no other package of ours; inside it, modules import only downward (`invoice` takes its
+mixins; the mixins name `Invoice` for typing only).
+"""
 
 from models.base import Base
 from models.errors import DomainError, PaymentNotYetKnown

@@ -225,7 +225,7 @@ class Invoice(InvoiceRules, Base):
     # `version` counts the changes of the invoice (the unit of work adds one per change, bulk import
     # in its UPDATE). It is not SQLAlchemy's version_id_col: every change already holds the row's lock
     # (SELECT … FOR UPDATE), so the optimistic check could never fail, and with it SQLAlchemy sends
-    # one UPDATE per invoice instead of one executemany for a batch's invoices (worker/batching.py).
+    # one UPDATE per invoice instead of one executemany for a batch's invoices (worker/delivery/batching.py).
 
     line_type = LineItem
 

@@ -36,7 +36,7 @@ NET_TERMS = re.compile(r"^net\s*(\d{1,4})$", re.IGNORECASE)
 
 
 # The tenant's generated invoice numbers: INV-00001, INV-00002, ..., INV-99999, INV-100000 (the
-# digits are padded to five, never cut). worker/invoice_numbers.py computes the same in SQL.
+# digits are padded to five, never cut). worker/storage/invoice_numbers.py computes the same in SQL.
 INVOICE_NUMBER_PREFIX = "INV-"
 INVOICE_NUMBER_DIGITS = 5
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from messages.schemas import ApplyDiscount, CreateInvoice, InvoiceCommand, UpdateInvoice
+from models.address import InvoiceAddress
 from models.errors import DomainError
 from models.invoice import Invoice
-from tasks.messages import ApplyDiscount, CreateInvoice, InvoiceCommand, UpdateInvoice
-from worker.batching import batchable
 from worker.celery_app import app
-from worker.task_base import InvoiceTask
-from worker.unit_of_work import InvoiceAddress, Outcome, UnitOfWork
+from worker.delivery.batching import batchable
+from worker.delivery.task_base import InvoiceTask
+from worker.storage.unit_of_work import Outcome, UnitOfWork
 
 
 def applied(message: Any, invoice: Invoice, **extra: Any) -> Outcome:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from tasks.messages import BulkImport
-from worker.bulk_import import import_batch
+from messages.schemas import BulkImport
 from worker.celery_app import app
-from worker.task_base import InvoiceTask
+from worker.delivery.task_base import InvoiceTask
+from worker.storage.bulk_import import import_batch
 
 
 @app.task(name="invoices.bulk_import", base=InvoiceTask, bind=True)

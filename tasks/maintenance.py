@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from worker import housekeeping, scheduler
 from worker.celery_app import app
-from worker.task_base import InvoiceTask
+from worker.delivery import scheduler
+from worker.delivery.task_base import InvoiceTask
+from worker.storage import housekeeping
 
 
 @app.task(name="invoices.retry_failed_payments", base=InvoiceTask, bind=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from messages.schemas import OrderShipped
+from models.address import InvoiceAddress
 from models.errors import DomainError
 from models.invoice import Invoice
-from tasks.messages import OrderShipped
-from worker.batching import batchable
 from worker.celery_app import app
-from worker.task_base import InvoiceTask
-from worker.unit_of_work import InvoiceAddress, Outcome, UnitOfWork
+from worker.delivery.batching import batchable
+from worker.delivery.task_base import InvoiceTask
+from worker.storage.unit_of_work import Outcome, UnitOfWork
 
 
 @app.task(name="invoices.order_shipped", base=InvoiceTask, bind=True)

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from tasks.commands import applied
-from tasks.messages import (
-    CompleteHostedPayment, FailPayment, PaymentCallback, RecordPayment, RefundPayment, StartHostedPayment,
+from messages.schemas import (
+    CompleteHostedPayment,
+    FailPayment,
+    PaymentCallback,
+    RecordPayment,
+    RefundPayment,
+    StartHostedPayment,
 )
-from worker.batching import batchable
+from tasks.commands import applied
 from worker.celery_app import app
 from worker.config import settings
-from worker.handling import dead_letter
-from worker.signing import verify
-from worker.task_base import InvoiceTask
-from worker.unit_of_work import Outcome, UnitOfWork, derived_id
+from worker.delivery.batching import batchable
+from worker.delivery.handling import dead_letter
+from worker.delivery.signing import verify
+from worker.delivery.task_base import InvoiceTask
+from worker.storage.unit_of_work import Outcome, UnitOfWork, derived_id
 
 APPROVED = ("Approved", "PartiallyApproved")
 

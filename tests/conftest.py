@@ -2,7 +2,8 @@
 (embedded, or DATABASE_URL / BROKER_URL when set), a fresh database per session, cleanup
 between tests, and real Celery worker and relay processes for end-to-end tests.
 
-Unit tests (tests/unit) use none of this and need no I/O.
+Unit tests (tests/unit) use none of this and need no I/O. (~460 lines: pytest finds shared
+fixtures only here or in plugins; each fixture is short.)
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def urls() -> Iterator[dict[str, str]]:
     servers = None
     database_url, broker_url = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
     if not database_url or not broker_url:
-        from worker.embedded import EmbeddedServers
+        from worker.local.embedded import EmbeddedServers
 
         servers = EmbeddedServers(Path(tempfile.mkdtemp(prefix="invoice-test-")), ephemeral=True)
         database_url = database_url or servers.start_postgres()
@@ -77,13 +78,13 @@ def urls() -> Iterator[dict[str, str]]:
     saved = {k: os.environ.get(k) for k in ("DATABASE_URL", "BROKER_URL", *TEST_ENV)}
     os.environ.update({"DATABASE_URL": test_url, "BROKER_URL": broker_url, **TEST_ENV})
     _reload_settings()
-    from worker.migrate import upgrade
+    from worker.storage.migrate import upgrade
 
     upgrade(test_url)
     try:
         yield {"DATABASE_URL": test_url, "BROKER_URL": broker_url}
     finally:
-        from worker import db
+        from worker.storage import db
 
         db.reset()
         with psycopg.connect(admin, autocommit=True) as conn:
@@ -98,16 +99,16 @@ def urls() -> Iterator[dict[str, str]]:
 
 
 def _reload_settings() -> None:
-    from worker import db
     from worker.celery_app import app
     from worker.config import settings
+    from worker.storage import db
 
     settings.cache_clear()
     db.reset()
-    from worker import brokers
-    from worker.celery_app import QUEUES
+    from worker.brokers import topology
+    from worker.brokers.topology import QUEUES
 
-    brokers.configure(app, tuple(QUEUES), os.environ["BROKER_URL"], settings().max_deliveries)
+    topology.configure(app, tuple(QUEUES), os.environ["BROKER_URL"], settings().max_deliveries)
 
 
 @pytest.fixture
@@ -115,7 +116,7 @@ def database(urls: dict[str, str]) -> Iterator[str]:
     """A clean database for one test (every table emptied), as its SQLAlchemy URL."""
     from sqlalchemy import text
 
-    from worker import db
+    from worker.storage import db
 
     with db.engine().begin() as conn:
         conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
@@ -124,7 +125,7 @@ def database(urls: dict[str, str]) -> Iterator[str]:
 
 @pytest.fixture
 def session(database: str) -> Iterator[Any]:
-    from worker import db
+    from worker.storage import db
 
     with db.sessions()() as s:
         yield s
@@ -135,7 +136,7 @@ def broker(urls: dict[str, str]) -> Iterator[str]:
     """The broker URL, with the worker's queues emptied before the test."""
     from kombu import Connection
 
-    from worker.celery_app import QUEUES
+    from worker.brokers.topology import QUEUES
 
     with Connection(urls["BROKER_URL"]) as conn:
         channel = conn.default_channel
@@ -164,7 +165,7 @@ class Processes:
 
     def worker(self, *, concurrency: int = 2, queues: str | None = None, name: str | None = None,
                extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        from worker.celery_app import QUEUES
+        from worker.brokers.topology import QUEUES
 
         node = name or f"test-{uuid.uuid4().hex[:6]}@localhost"
         proc, log = self._spawn("worker", [
@@ -244,8 +245,8 @@ def running(_shared_processes: Processes, database: str, broker: str) -> Process
 
 def isolated_broker_url(broker_url: str) -> str:
     """A broker of its own on the same server, for a worker that must not share the session's
-    queues: Redis database 7, or the vhost `isolated` (made by worker/rabbitmq_node.py)."""
-    from worker.brokers import is_amqp
+    queues: Redis database 7, or the vhost `isolated` (made by worker/local/rabbitmq_node.py)."""
+    from worker.brokers.topology import is_amqp
 
     if is_amqp(broker_url):
         scheme, rest = broker_url.split("://", 1)
@@ -258,28 +259,29 @@ def publisher_app(broker_url: str) -> Any:
     broker (RabbitMQ refuses a queue declared with other arguments than the worker's)."""
     from celery import Celery
 
-    from worker import brokers
-    from worker.celery_app import QUEUES
+    from worker.brokers import topology
+    from worker.brokers.topology import QUEUES
     from worker.config import settings
 
     app = Celery("publisher")
     app.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True,
                     broker_transport_options={"confirm_publish": True},
-                    **brokers.broker_settings(tuple(QUEUES), broker_url, settings().max_deliveries))
+                    **topology.broker_settings(tuple(QUEUES), broker_url, settings().max_deliveries))
     return app
 
 
 def send(task: str, body: Any) -> str:
     """Publish a task as any upstream service would; returns the body's messageId."""
-    from worker.celery_app import app, queue_for
+    from worker.brokers.topology import queue_for
+    from worker.celery_app import app
 
     app.send_task(task, args=[body], queue=queue_for(task))
     return body.get("messageId") if isinstance(body, dict) else None
 
 
 def outcome_of(tenant_id: str, message_id: str) -> dict[str, Any] | None:
-    from worker import db
-    from worker.records import InboxMessage
+    from worker.storage import db
+    from worker.storage.records import InboxMessage
 
     with db.sessions()() as s:
         row = s.get(InboxMessage, (tenant_id, message_id))
@@ -296,8 +298,9 @@ def wait_outcome(tenant_id: str, message_id: str, timeout: float = 30) -> dict[s
 def dead_letters_of(message_id: str | None = None, task: str | None = None) -> list[dict[str, Any]]:
     from sqlalchemy import select
 
-    from worker import db, dead_letters
-    from worker.records import DeadLetter
+    from worker.delivery import dead_letters
+    from worker.storage import db
+    from worker.storage.records import DeadLetter
 
     with db.sessions()() as s:
         query = select(DeadLetter).order_by(DeadLetter.id)
@@ -310,7 +313,7 @@ def dead_letters_of(message_id: str | None = None, task: str | None = None) -> l
 
 def invoice_json(tenant_id: str, reference: str) -> dict[str, Any] | None:
     from models.queries import get_invoice
-    from worker import db
+    from worker.storage import db
 
     with db.sessions()() as s:
         found = get_invoice(s, reference, tenant_id)
@@ -403,7 +406,7 @@ class OwnWorker:
                                      extra_env={"BROKER_URL": broker_url, **(extra_env or {})})
 
     def send(self, task: str, body: dict[str, Any]) -> str:
-        from worker.celery_app import queue_for
+        from worker.brokers.topology import queue_for
 
         self.publisher.send_task(task, args=[body], queue=queue_for(task))
         return body["messageId"]
@@ -420,8 +423,7 @@ def _flush_broker_database(url: str) -> None:
     """Empty the own worker's broker: its Redis database, or its vhost's worker queues."""
     from kombu import Connection
 
-    from worker.brokers import is_amqp
-    from worker.celery_app import QUEUES
+    from worker.brokers.topology import QUEUES, is_amqp
 
     with Connection(url) as conn:
         if not is_amqp(url):
@@ -442,7 +444,7 @@ def _flush_broker_database(url: str) -> None:
 
 def own_broker_url(broker: str) -> str:
     """Redis: a database of its own; RabbitMQ: the `isolated` vhost (no test uses both at once)."""
-    from worker.brokers import is_amqp
+    from worker.brokers.topology import is_amqp
 
     return isolated_broker_url(broker) if is_amqp(broker) else f"{broker.rsplit('/', 1)[0]}/{OWN_BROKER_DATABASE}"
 

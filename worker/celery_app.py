@@ -8,28 +8,12 @@ import logging
 import sys
 
 from celery import Celery, signals
-from worker import brokers
+
+from worker.brokers import topology
+from worker.brokers.topology import QUEUES, ROUTES
 from worker.config import ConfigurationError, settings
 
-QUEUES = {
-    "invoices.orders": ("invoices.order_shipped",),
-    "invoices.payments": (
-        "invoices.payment_callback", "invoices.start_hosted_payment", "invoices.complete_hosted_payment",
-        "invoices.fail_payment", "invoices.record_payment", "invoices.refund_payment",
-    ),
-    "invoices.commands": (
-        "invoices.create", "invoices.update", "invoices.issue", "invoices.apply_discount",
-        "invoices.remove_discount", "invoices.void", "invoices.cancel", "invoices.delete",
-    ),
-    "invoices.imports": ("invoices.bulk_import",),
-    "invoices.maintenance": ("invoices.retry_failed_payments", "invoices.prune_outbox", "invoices.prune_records"),
-}
-ROUTES = {task: queue for queue, tasks in QUEUES.items() for task in tasks}
 TASK_MODULES = ("tasks.orders", "tasks.commands", "tasks.payments", "tasks.imports", "tasks.maintenance")
-
-
-def queue_for(task_name: str) -> str:
-    return ROUTES.get(task_name, "invoices.maintenance")
 
 
 def _broker_url() -> str | None:
@@ -46,8 +30,8 @@ def make_app() -> Celery:
     app = Celery("worker")
     url = _broker_url()
     app.conf.update(
-        # The transport and the queues' exchanges and arguments depend on the broker (worker/brokers.py).
-        **brokers.broker_settings(tuple(QUEUES), url, config.max_deliveries),
+        # The transport and the queues' exchanges and arguments depend on the broker (worker/brokers/topology.py).
+        **topology.broker_settings(tuple(QUEUES), url, config.max_deliveries),
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -84,7 +68,7 @@ def make_app() -> Celery:
         # Flower: task events on when WORKER_SEND_TASK_EVENTS is set (a publish per task state).
         worker_send_task_events=config.worker_send_task_events,
         worker_hijack_root_logger=False,
-        worker_consumer="worker.consumer:InvoiceConsumer",
+        worker_consumer="worker.delivery.consumer:InvoiceConsumer",
         imports=TASK_MODULES,
         beat_schedule={
             "retry-failed-payments": {
@@ -107,8 +91,8 @@ def make_app() -> Celery:
             },
         },
     )
-    # RabbitMQ only: plain JSON from any AMQP client, and what the broker dead-lettered (worker/ingress.py).
-    app.steps["consumer"].add("worker.ingress:IngressStep")
+    # RabbitMQ only: plain JSON from any AMQP client, and what the broker dead-lettered (worker/delivery/ingress.py).
+    app.steps["consumer"].add("worker.delivery.ingress:IngressStep")
     return app
 
 
@@ -152,6 +136,6 @@ def publishing_app() -> Celery:
 
     url = broker_url()
     if app.conf.broker_url != url:
-        brokers.configure(app, tuple(QUEUES), url, settings().max_deliveries)
+        topology.configure(app, tuple(QUEUES), url, settings().max_deliveries)
     return app
 

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     # Published outbox rows are deleted after this many hours.
     outbox_retention_hours: float = Field(default=168.0, ge=0)
     # How long a messageId is remembered (inbox rows); natural keys keep protecting after that, and
-    # the tasks that have none keep their rows for good (worker/records.py INBOX_KEPT_TASKS).
+    # the tasks that have none keep their rows for good (worker/storage/records.py INBOX_KEPT_TASKS).
     inbox_retention_days: float = Field(default=30.0, ge=0)
     # Discarded and replayed dead letters are deleted this long after they were last seen; open ones never.
     dead_letter_retention_days: float = Field(default=90.0, ge=0)
@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     # After SIGTERM (Celery's warm shutdown: running tasks finish, nothing new starts), how long `run`
     # waits for the worker before it kills it; a killed task's message is handed back and runs again.
     worker_stop_seconds: float = Field(default=30.0, ge=0)
-    # Micro-batching of the payments, orders and commands queues (worker/batching.py): a pool process
+    # Micro-batching of the payments, orders and commands queues (worker/delivery/batching.py): a pool process
     # applies up to this many messages in one transaction, gathered for at most APPLY_BATCH_WAIT_MS
     # (longer while every pool process is busy). 1 turns batching off: one message per task.
     apply_batch_size: int = Field(default=100, ge=1, le=1000)

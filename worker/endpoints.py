@@ -63,3 +63,10 @@ def database_url() -> str:
 
 def broker_url() -> str:
     return _resolve(settings().broker_url, "brokerUrl", "BROKER_URL")
+
+
+def libpq_url(database_url: str) -> str:
+    """psycopg's form of the SQLAlchemy URL (postgresql+psycopg://… → postgresql://…)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -77,7 +77,8 @@ class OwnBroker:
 
 def send_to(broker_url: str, task: str, body: dict[str, Any]) -> None:
     """Publish a task to the given broker, as an upstream service would."""
-    from worker.celery_app import app, queue_for
+    from worker.brokers.topology import queue_for
+    from worker.celery_app import app
 
     with app.connection_for_write(broker_url) as connection:
         app.send_task(task, args=[body], queue=queue_for(task), connection=connection)
@@ -90,7 +91,7 @@ def own_database(urls: dict[str, str]) -> Iterator[str]:
     import psycopg
     from sqlalchemy.engine import make_url
 
-    from worker.migrate import upgrade
+    from worker.storage.migrate import upgrade
 
     base = make_url(urls["DATABASE_URL"])
     admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -109,7 +110,7 @@ def own_database(urls: dict[str, str]) -> Iterator[str]:
 def query(database_url: str, sql: str, *params: Any) -> list[tuple]:
     import psycopg
 
-    from worker.relay import libpq_url
+    from worker.endpoints import libpq_url
 
     with psycopg.connect(libpq_url(database_url)) as conn:
         return conn.execute(sql, params).fetchall()

@@ -1,4 +1,4 @@
-"""The batch rules of micro-batching (worker/batching.py), through a real broker and real worker
+"""The batch rules of micro-batching (worker/delivery/batching.py), through a real broker and real worker
 processes. Each test queues its messages before its worker starts, so that they reach the worker
 together and form one batch; that they did is read from PostgreSQL: the inbox records of one
 transaction share its start time (`now()`)."""
@@ -18,15 +18,27 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import (
-    Processes, _flush_broker_database, dead_letters_of, invoice_json, new_tenant, outcome_of, own_broker_url,
-    publisher_app, wait_for, wait_outcome,
+    Processes,
+    _flush_broker_database,
+    dead_letters_of,
+    invoice_json,
+    new_tenant,
+    outcome_of,
+    own_broker_url,
+    publisher_app,
+    wait_for,
+    wait_outcome,
 )
 from tests.end_to_end.test_delivery import (
-    database_conninfo, events_of, issued_invoice, payment, waiting_on_locks,
+    database_conninfo,
+    events_of,
+    issued_invoice,
+    payment,
+    waiting_on_locks,
 )
-from worker import db
 from worker.config import settings
-from worker.records import DeliveryCount, InboxMessage
+from worker.storage import db
+from worker.storage.records import DeliveryCount, InboxMessage
 
 
 class BatchWorker:
@@ -42,7 +54,7 @@ class BatchWorker:
         self.delivery_ids: dict[str, str] = {}
 
     def send(self, task: str, body: dict[str, Any]) -> dict[str, Any]:
-        from worker.celery_app import queue_for
+        from worker.brokers.topology import queue_for
 
         self.delivery_ids[body["messageId"]] = self.publisher.send_task(task, args=[body], queue=queue_for(task)).id
         self.sent.append(body)

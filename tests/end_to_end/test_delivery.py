@@ -12,11 +12,18 @@ import psycopg
 from sqlalchemy import func, select
 
 from tests.conftest import (
-    dead_letters_of, invoice_json, new_tenant, order_body, outcome_of, send, wait_for, wait_outcome,
+    dead_letters_of,
+    invoice_json,
+    new_tenant,
+    order_body,
+    outcome_of,
+    send,
+    wait_for,
+    wait_outcome,
 )
-from worker import db
-from worker.records import InboxMessage, OutboxEvent
-from worker.relay import libpq_url
+from worker.endpoints import libpq_url
+from worker.storage import db
+from worker.storage.records import InboxMessage, OutboxEvent
 
 
 def issued_invoice(tenant: str, **overrides) -> dict:

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from models.address import InvoiceAddress
 from tests.conftest import ROOT, EventCollector, invoice_json, new_tenant, outcome_of, send, wait_for, wait_outcome
 from tests.end_to_end.test_delivery import issued_invoice, payment
-from worker import db
-from worker.handling import execute
-from worker.records import OutboxEvent
-from worker.unit_of_work import InvoiceAddress, UnitOfWork
+from worker.delivery.handling import execute
+from worker.storage import db
+from worker.storage.records import OutboxEvent
+from worker.storage.unit_of_work import UnitOfWork
 
 
 @pytest.fixture
@@ -180,15 +181,15 @@ def test_two_relays_at_once_do_not_publish_a_row_twice(paused_shared_relay, even
 
 class StoppableBroker:
     """A broker of this test's own, of the session's kind, stopped and started again on its port:
-    a Valkey with every write fsynced, or a RabbitMQ node (worker/rabbitmq_node.py)."""
+    a Valkey with every write fsynced, or a RabbitMQ node (worker/local/rabbitmq_node.py)."""
 
     def __init__(self) -> None:
-        from worker.brokers import is_amqp
+        from worker.brokers.topology import is_amqp
 
         self.data = Path(tempfile.mkdtemp(prefix="broker-down-"))
         self.amqp = is_amqp(os.environ.get("BROKER_URL"))
         if self.amqp:
-            from worker.rabbitmq_node import RabbitNode
+            from worker.local.rabbitmq_node import RabbitNode
 
             self.node = RabbitNode(self.data)
             self.url = self.node.url
@@ -242,7 +243,7 @@ def test_events_wait_in_the_outbox_while_the_broker_is_down(paused_shared_relay,
 
 
 def test_events_status_and_tail_commands(running):
-    from worker.relay import status
+    from worker.brokers.relay import status
 
     tenant = new_tenant("t-tail")
     tail = subprocess.Popen([sys.executable, "-m", "worker.cli", "events", "tail", "--type", "invoice.created",

@@ -134,9 +134,9 @@ def test_a_message_returned_beyond_the_delivery_limit_is_kept_in_the_dead_letter
     from kombu import Connection
 
     from tests.conftest import isolated_broker_url
-    from worker.brokers import DELIVERY_LIMIT_MARGIN, dead_queue
+    from worker.brokers.topology import DELIVERY_LIMIT_MARGIN, dead_queue
     from worker.config import settings
-    from worker.ingress import ingress_queue
+    from worker.delivery.ingress import ingress_queue
 
     url = isolated_broker_url(broker)
     limit = settings().max_deliveries + DELIVERY_LIMIT_MARGIN

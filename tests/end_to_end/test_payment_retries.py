@@ -18,7 +18,7 @@ from tasks.payments import retry_policy
 from tests.conftest import EventCollector, Processes, new_tenant, wait_for
 from tests.end_to_end.test_delivery import issued_invoice
 from tests.end_to_end.test_payments import callback, command, deliver, start
-from worker import db
+from worker.storage import db
 
 SCAN_SECONDS = "0.5"
 

@@ -12,9 +12,10 @@ from sqlalchemy import select
 from models.payment import Payment
 from tests.conftest import dead_letters_of, invoice_json, new_tenant, outcome_of, send, wait_for, wait_outcome
 from tests.end_to_end.test_delivery import issued_invoice
-from worker import db, scheduler
-from worker.records import OutboxEvent
-from worker.signing import sign
+from worker.delivery import scheduler
+from worker.delivery.signing import sign
+from worker.storage import db
+from worker.storage.records import OutboxEvent
 
 SECRET = "test-secret"
 

@@ -1,6 +1,6 @@
 """A copy of a message arriving after its inbox row was pruned (INBOX_RETENTION_DAYS) does not
 apply twice: every task's natural key catches it, and the tasks that have none keep their inbox
-rows (worker/records.py INBOX_KEPT_TASKS). One set of invoices, every task's first copy, the rows
+rows (worker/storage/records.py INBOX_KEPT_TASKS). One set of invoices, every task's first copy, the rows
 aged past the retention and pruned by invoices.prune_records through the worker, then every
 pruned message sent again."""
 
@@ -12,8 +12,8 @@ from sqlalchemy import func, select, text
 
 from tests.conftest import invoice_json, order_body, send, wait_for, wait_outcome
 from tests.end_to_end.test_payments import SECRET, callback
-from worker import db
-from worker.records import INBOX_KEPT_TASKS, InboxMessage, InvoiceHistory
+from worker.storage import db
+from worker.storage.records import INBOX_KEPT_TASKS, InboxMessage, InvoiceHistory
 
 T = "t-pruned"
 

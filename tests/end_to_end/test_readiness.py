@@ -68,7 +68,7 @@ def control(broker_url: str, command: str, node: str) -> None:
     producer pool, whatever connection is given); asked again until it answers."""
     from celery import Celery
 
-    from worker.celery_app import QUEUES
+    from worker.brokers.topology import QUEUES
 
     app = Celery("control", broker=broker_url, set_as_current=False)
     try:

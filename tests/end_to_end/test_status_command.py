@@ -12,9 +12,9 @@ import uuid
 from sqlalchemy import text
 
 from tests.conftest import ROOT, order_body, send, wait_for, wait_outcome
-from worker import db
-from worker.celery_app import QUEUES
-from worker.relay import wait_until_drained
+from worker.brokers.relay import wait_until_drained
+from worker.brokers.topology import QUEUES
+from worker.storage import db
 
 TENANT = "t-status"
 

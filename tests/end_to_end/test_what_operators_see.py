@@ -17,7 +17,14 @@ import yaml
 
 from tests.conftest import ROOT, Processes, order_body, wait_for
 from tests.end_to_end.operator_endpoint import (
-    OwnBroker, free_port, get, metric_values, own_database, query, scraped, send_to,
+    OwnBroker,
+    free_port,
+    get,
+    metric_values,
+    own_database,
+    query,
+    scraped,
+    send_to,
 )
 
 MESSAGES = 30
@@ -113,7 +120,7 @@ def test_a_rejection_is_counted_under_its_reason_and_a_malformed_message_as_dead
 
 
 def test_scrape_time_gauges_agree_with_the_database_and_the_broker(observed):
-    from worker.celery_app import QUEUES
+    from worker.brokers.topology import QUEUES
 
     before, after = observed["before"], observed["after"]
     assert metric_values(before, "invoice_worker_outbox_unpublished") == [float(observed["database"]["outbox"])]

@@ -61,12 +61,12 @@ class FaultBroker:
 
 
 class FaultRabbit:
-    """A RabbitMQ node of the suite's own (worker/rabbitmq_node.py), on a fixed port, which the
+    """A RabbitMQ node of the suite's own (worker/local/rabbitmq_node.py), on a fixed port, which the
     test can SIGKILL and start again on the same port with the same data. Quorum queues write
     each message to their log before the publisher's confirm, so a kill loses nothing confirmed."""
 
     def __init__(self, data_dir: Path) -> None:
-        from worker.rabbitmq_node import RabbitNode
+        from worker.local.rabbitmq_node import RabbitNode
 
         self.node = RabbitNode(data_dir)
         self.port = self.node.port
@@ -87,7 +87,7 @@ class FaultRabbit:
         scenario must not arrive in the next one)."""
         import amqp
 
-        from worker.celery_app import QUEUES
+        from worker.brokers.topology import QUEUES
 
         names = [*QUEUES, "invoices.ingress", "invoices.dead", *(f"celery_delayed_{i}" for i in range(28))]
         with amqp.Connection(f"127.0.0.1:{self.port}", userid="guest", password="guest") as conn:
@@ -102,7 +102,7 @@ class FaultRabbit:
 
 def fault_broker(data_dir: Path) -> "FaultBroker | FaultRabbit":
     """The suite's broker of the kind the session runs on (BROKER_URL's scheme; Valkey by default)."""
-    from worker.brokers import is_amqp
+    from worker.brokers.topology import is_amqp
 
     if is_amqp(os.environ.get("BROKER_URL")):
         return FaultRabbit(data_dir)
@@ -121,7 +121,7 @@ class FaultDatabase:
 
     def fresh(self) -> str:
         """A new, migrated database; its SQLAlchemy URL."""
-        from worker.migrate import upgrade
+        from worker.storage.migrate import upgrade
 
         name = f"fault_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(self.admin, autocommit=True) as conn:
@@ -172,7 +172,7 @@ class TcpCut:
     def cut(self) -> None:
         """End every connection on both sides at once, as a proxy or firewall resetting them does: the
         server sees its clients go (a blocked BRPOP is dropped at once, not left to take the next
-        message for up to its timeout, as after a silent partition: README, "Brokers")."""
+        message for up to its timeout, as after a silent partition: docs/brokers.md)."""
         with self._lock:
             if self._listener is not None:
                 _shut(self._listener)
@@ -286,7 +286,7 @@ def reliability() -> Iterator[list[ReliabilityRow]]:
     """Scenarios append their row; RELIABILITY.md is written when the session's scenarios are done."""
     yield _rows
     if _rows:
-        from worker.brokers import is_amqp
+        from worker.brokers.topology import is_amqp
 
         write_reliability(ROOT / "RELIABILITY.md", _rows,
                           "RabbitMQ 3.10" if is_amqp(os.environ.get("BROKER_URL")) else "Redis (Valkey)")

@@ -63,7 +63,7 @@ def test_broker_connections_cut_for_ten_seconds(scenario, reliability):
     numbers = invoices(scenario, ledger, tenant, 20)
     bodies = [payment(tenant, numbers[i % 20], a) for i, a in enumerate(amounts(300, seed=11))]
     Stream(scenario.publisher(), ledger, "invoices.record_payment", bodies[:100], per_second=40).start().join()
-    wait_settled(scenario.database_url, ledger, {}, timeout=60)  # nothing in flight but the held one (README, "Brokers")
+    wait_settled(scenario.database_url, ledger, {}, timeout=60)  # nothing in flight but the held one (docs/brokers.md)
     hold = InvoiceHold(scenario.database_url, tenant, "F-HELD")
     send(scenario.publisher(), ledger, "invoices.record_payment", payment(tenant, "F-HELD", "1.00"))
     hold.wait_blocked()

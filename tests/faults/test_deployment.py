@@ -14,7 +14,7 @@ import psycopg
 from tests.conftest import wait_for
 from tests.faults.checker import Ledger, conninfo, dead_letters, outcomes, wait_settled
 from tests.faults.traffic import order, send
-from worker.signing import sign
+from worker.delivery.signing import sign
 
 
 def start_payment(publisher, ledger: Ledger, tenant: str, number: str, profile: str | None = "card-1") -> str:

@@ -1,4 +1,4 @@
-"""A read's reply lost on the wire (worker/redis_transport.py). A read is one script (TAKE) that
+"""A read's reply lost on the wire (worker/brokers/redis_transport.py). A read is one script (TAKE) that
 takes up to 100 messages of a queue and registers them as delivered (the `unacked` hash) in the
 same step. When the connection drops after the broker ran it and before its reply arrived, those
 messages are off their list but registered, so the channel that lost the reply finds and hands
@@ -32,7 +32,7 @@ def redis_queue(fault_environment, prefix: str) -> tuple[Any, Queue, str]:  # no
     broker = fault_environment.broker
     if not broker.url.startswith("redis"):
         pytest.skip("the Redis transport's read")
-    from worker.redis_transport import TRANSPORT
+    from worker.brokers.redis_transport import TRANSPORT
 
     broker.flush()
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -14,7 +14,7 @@ PUBLISH_RETRY = {"max_retries": 60, "interval_start": 0.1, "interval_step": 0.25
 
 def send(publisher: Any, ledger: Ledger, task: str, body: dict[str, Any]) -> None:
     """Publish, retrying while the broker is away (as a careful publisher does); record it as sent."""
-    from worker.celery_app import queue_for
+    from worker.brokers.topology import queue_for
 
     try:
         publisher.send_task(task, args=[body], queue=queue_for(task), retry=True, retry_policy=PUBLISH_RETRY)

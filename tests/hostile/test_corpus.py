@@ -13,7 +13,8 @@ from datetime import datetime, timedelta, timezone
 
 import psutil
 import psycopg
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT, wait_for
 from tests.faults.checker import Ledger, conninfo, dead_letters, outcomes, wait_settled
@@ -78,7 +79,7 @@ def test_hostile_corpus_costs_each_message_alone(scenario, tmp_path):
         ordinary.append(payment(tenant, "H-1", "1.00"))
         send(publisher, ledger, "invoices.record_payment", ordinary[-1])
     for task, body, options, reason in header_cases.values():
-        from worker.celery_app import queue_for
+        from worker.brokers.topology import queue_for
 
         publisher.send_task(task, args=[body], queue=queue_for(task), **options)
         ledger.record(task, body)
@@ -154,7 +155,7 @@ def test_fuzzed_bodies_end_dead_lettered_rejected_or_applied(scenario):
     wait_settled(scenario.database_url, ledger, {}, timeout=60)
 
     def ended(body: dict) -> bool:
-        tenant = body.get("tenantId")  # the worker strips an id's surrounding whitespace (tasks/fields.py Id)
+        tenant = body.get("tenantId")  # the worker strips an id's surrounding whitespace (messages/fields.py Id)
         return (isinstance(tenant, str) and (tenant.strip(), body["messageId"]) in outcomes(scenario.database_url)) or \
             body["messageId"] in {m for m, _, _ in dead_letters(scenario.database_url)}
 

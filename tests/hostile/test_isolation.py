@@ -11,8 +11,10 @@ from kombu import Connection, Producer
 
 from tests.conftest import EventCollector
 from tests.faults.conftest import fault_environment, scenario  # noqa: F401 - shared fixtures
-from worker import db, relay
-from worker.relay import MAX_EVENT_BYTES, Relay, libpq_url
+from worker.brokers import relay
+from worker.brokers.relay import MAX_EVENT_BYTES, Relay
+from worker.endpoints import libpq_url
+from worker.storage import db
 
 
 def outbox_row(conn: psycopg.Connection, payload_size: int = 10) -> str:
@@ -53,8 +55,8 @@ def test_the_retry_scan_goes_past_a_payment_it_cannot_retry(running):
     knows, so only a direct insert can). The second is still retried."""
     from tests.conftest import new_tenant
     from tests.end_to_end.test_payments import failed_saved_card_payment
-    from worker.scheduler import retry_failed_payments
-    from worker.unit_of_work import derived_id
+    from worker.delivery.scheduler import retry_failed_payments
+    from worker.storage.unit_of_work import derived_id
 
     tenant = new_tenant("t-scan")
     (first_invoice, first), (second_invoice, second) = (failed_saved_card_payment(tenant) for _ in range(2))

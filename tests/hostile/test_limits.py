@@ -11,12 +11,12 @@ import stat
 import pytest
 from pydantic import ValidationError
 
-from tasks.messages import MAX_IMPORT_LINES, BulkImport, CreateInvoice, RecordPayment
-from worker.cli_import import Report, batches
-from worker.dead_letters import MAX_STORED_BYTES, jsonable, original_body
-from worker.handling import MalformedMessage, parse
-from worker.import_file import read_csv
-from worker.unit_of_work import derived_id
+from messages.schemas import MAX_IMPORT_LINES, BulkImport, CreateInvoice, RecordPayment
+from worker.cli.import_file import read_csv
+from worker.cli.imports import Report, batches
+from worker.delivery.dead_letters import MAX_STORED_BYTES, jsonable, original_body
+from worker.delivery.handling import MalformedMessage, parse
+from worker.storage.unit_of_work import derived_id
 
 
 def test_a_batch_past_the_line_cap_is_too_large_not_malformed():
@@ -102,7 +102,7 @@ def test_endpoints_file_is_readable_by_its_owner_only(tmp_path, monkeypatch):
 
 
 def test_urls_are_printed_without_passwords():
-    from worker.supervisor import _safe
+    from worker.local.supervisor import _safe
 
     for url in ("postgresql+psycopg://u:secret@h/db", "redis://:secret@h:1/0", "amqp://guest:secret@h//"):
         assert "secret" not in _safe(url)

@@ -11,8 +11,8 @@ from sqlalchemy import select
 from tests.conftest import dead_letters_of, invoice_json, new_tenant, send, wait_outcome
 from tests.end_to_end.test_delivery import issued_invoice
 from tests.end_to_end.test_payments import callback, deliver, payment_of
-from worker import db
-from worker.records import OutboxEvent
+from worker.storage import db
+from worker.storage.records import OutboxEvent
 
 
 def start_with(tenant: str, number: str, payment_id: str, amount: str) -> dict:

@@ -8,12 +8,12 @@ from decimal import Decimal
 
 from sqlalchemy import func, select, update
 
+from messages.schemas import BulkImport, ImportEntry
 from models.invoice import Invoice
 from models.line_item import LineItem
-from tasks.messages import BulkImport, ImportEntry
-from worker.bulk_import import FINGERPRINT, import_batch, legacy_fingerprint
-from worker.handling import execute, parse
-from worker.records import OutboxEvent
+from worker.delivery.handling import execute, parse
+from worker.storage.bulk_import import FINGERPRINT, import_batch, legacy_fingerprint
+from worker.storage.records import OutboxEvent
 
 T = "t-import"
 

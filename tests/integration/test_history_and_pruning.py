@@ -11,16 +11,24 @@ from decimal import Decimal
 from click.testing import CliRunner
 from sqlalchemy import func, select, text
 
+from messages.schemas import (
+    BulkImport,
+    CreateInvoice,
+    FailPayment,
+    InvoiceCommand,
+    OrderShipped,
+    RecordPayment,
+    StartHostedPayment,
+)
 from tasks.commands import create_invoice
-from tasks.messages import BulkImport, CreateInvoice, FailPayment, InvoiceCommand, OrderShipped, RecordPayment
-from tasks.messages import StartHostedPayment
 from tasks.orders import create_from_order
 from tasks.payments import fail_hosted_payment, record_offline_payment, start_payment
-from worker import cli_invoices, housekeeping, scheduler  # noqa: F401  (cli_invoices adds its commands)
-from worker.bulk_import import import_batch
-from worker.cli import cli
-from worker.handling import execute, parse
-from worker.records import DeadLetter, DeliveryCount, InboxMessage, InvoiceHistory, InvoiceWait
+from worker.cli.main import cli
+from worker.delivery import scheduler
+from worker.delivery.handling import execute, parse
+from worker.storage import housekeeping
+from worker.storage.bulk_import import import_batch
+from worker.storage.records import DeadLetter, DeliveryCount, InboxMessage, InvoiceHistory, InvoiceWait
 
 T = "t-hist"
 PAYMENT_EVENTS = ["payment.recorded", "invoice.status_changed"]

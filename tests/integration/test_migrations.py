@@ -12,9 +12,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import make_url
 
-import worker.records  # noqa: F401
+import worker.storage.records  # noqa: F401
 from models.base import Base
-from worker.migrate import current, upgrade
+from worker.storage.migrate import current, upgrade
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_migrations_build_exactly_the_models_schema(empty_database):
 def test_migrations_go_down_and_up_again(empty_database):
     from alembic import command
 
-    from worker.migrate import alembic_config
+    from worker.storage.migrate import alembic_config
 
     upgrade(empty_database)
     command.downgrade(alembic_config(empty_database), "base")
@@ -66,7 +66,7 @@ def test_0006_keeps_every_payment_id_and_goes_back(empty_database):
     """Existing payments keep their id as key and public id; down again, refunds and retries follow."""
     from alembic import command
 
-    from worker.migrate import alembic_config
+    from worker.storage.migrate import alembic_config
 
     config = alembic_config(empty_database)
     command.upgrade(config, "0005")

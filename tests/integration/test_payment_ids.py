@@ -8,14 +8,14 @@ import uuid
 
 from sqlalchemy import select
 
+from messages.schemas import CompleteHostedPayment, FailPayment, OrderShipped, RefundPayment, StartHostedPayment
 from models.payment import Payment
 from models.queries import get_invoice
-from tasks.messages import CompleteHostedPayment, FailPayment, OrderShipped, RefundPayment, StartHostedPayment
 from tasks.orders import create_from_order
 from tasks.payments import complete_payment, fail_hosted_payment, refund, start_payment
-from worker import scheduler
-from worker.handling import execute, parse
-from worker.records import OutboxEvent
+from worker.delivery import scheduler
+from worker.delivery.handling import execute, parse
+from worker.storage.records import OutboxEvent
 
 
 def run(tenant: str, task: str, schema, operation, **fields):

@@ -9,9 +9,9 @@ from sqlalchemy import select, update
 
 from models.invoice import Invoice
 from models.queries import get_invoice, list_invoices
-from worker import housekeeping
-from worker.records import OutboxEvent
-from worker.unit_of_work import UnitOfWork
+from worker.storage import housekeeping
+from worker.storage.records import OutboxEvent
+from worker.storage.unit_of_work import UnitOfWork
 
 
 def seed(session, n: int = 30) -> None:

@@ -11,12 +11,12 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 
+from messages.schemas import OrderShipped, RecordPayment
 from models.invoice import Invoice
-from tasks.messages import OrderShipped, RecordPayment
 from tasks.orders import create_from_order
 from tasks.payments import record_offline_payment
-from worker.handling import execute, parse
-from worker.records import InboxMessage, OutboxEvent
+from worker.delivery.handling import execute, parse
+from worker.storage.records import InboxMessage, OutboxEvent
 
 
 def order(message_id: str, order_id: str = "O-1", tenant: str = "t-uow", **extra) -> OrderShipped:
@@ -89,8 +89,8 @@ def test_the_same_message_id_in_another_tenant_is_another_message(session):
 def test_a_copy_that_waited_on_the_first_copys_claim_yields_its_outcome(session):
     """The second copy blocks on the first copy's uncommitted claim; when the first commits, the
     second sees a record its own statement could not (it began before that commit) and reads it."""
-    from worker import db
-    from worker.unit_of_work import Outcome, UnitOfWork
+    from worker.storage import db
+    from worker.storage.unit_of_work import Outcome, UnitOfWork
 
     message = order("m-waited", order_id="O-waited")
     with db.sessions()() as first:
@@ -114,8 +114,8 @@ def test_a_copy_that_waited_on_the_first_copys_claim_yields_its_outcome(session)
 @contextmanager
 def numbering(tenant: str):
     """A session of its own and a unit of work of the tenant on it."""
-    from worker import db
-    from worker.unit_of_work import UnitOfWork
+    from worker.storage import db
+    from worker.storage.unit_of_work import UnitOfWork
 
     with db.sessions()() as session:
         yield session, UnitOfWork(session, tenant_id=tenant, message_id=None, task="test")
@@ -146,7 +146,7 @@ def test_the_next_number_skips_taken_and_deleted_numbers_in_one_statement(sessio
     from sqlalchemy import insert
 
     from models.rules import invoice_number_for
-    from worker.records import DeletedInvoice, InvoiceNumberSequence
+    from worker.storage.records import DeletedInvoice, InvoiceNumberSequence
 
     tenant = "t-num"
     session.execute(insert(Invoice), [
@@ -186,7 +186,7 @@ def test_the_next_number_skips_taken_and_deleted_numbers_in_one_statement(sessio
 
 def test_generated_numbers_in_sql_read_as_invoice_number_for_beyond_the_pad_width(session):
     from models.rules import invoice_number_for
-    from worker.invoice_numbers import number_sql
+    from worker.storage.invoice_numbers import number_sql
 
     for value in (1, 42, 99_999, 100_000, 1_234_567, 2_147_483_647):
         assert session.execute(text(f"SELECT {number_sql(':v')}"), {"v": value}).scalar_one() == \

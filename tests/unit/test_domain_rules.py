@@ -1,4 +1,5 @@
-"""One test per rule of invoice-api.md and CONTRACT.md section 5, named after the rule."""
+"""One test per rule of invoice-api.md and CONTRACT.md section 5, named after the rule (~410
+lines: one short test per rule, in the reference's order, so the file reads as the rule list)."""
 
 from __future__ import annotations
 

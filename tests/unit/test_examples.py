@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import messages
+from messages import schemas as messages
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCHEMAS = {
@@ -33,7 +33,7 @@ def test_example_body_is_valid(name):
 
 
 def test_every_routed_task_has_an_example():
-    from worker.celery_app import ROUTES
+    from worker.brokers.topology import ROUTES
 
     missing = {t.split(".", 1)[1] for t in ROUTES} - {p.stem for p in EXAMPLES.glob("*.json")} - {"prune_outbox", "prune_records"}
     assert not missing, missing

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tasks.messages import ImportEntry
-from worker.bulk_import import FINGERPRINT, fingerprint
+from messages.schemas import ImportEntry
+from worker.storage.bulk_import import FINGERPRINT, fingerprint
 
 BASE = {"invoiceNumber": "F-1", "currency": "USD", "customer": {"customerId": "C-1"}, "invoiceDate": "2026-10-01",
         "lineItems": [{"sku": "A", "quantity": "2", "unitPrice": "10.00"}], "importedInvoiceTotal": "20.00"}

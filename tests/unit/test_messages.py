@@ -6,8 +6,8 @@ from decimal import Decimal
 
 import pytest
 
-from tasks.messages import LineItemIn, OrderShipped, PaymentCallback, RecordPayment, UpdateInvoice
-from worker.handling import MalformedMessage, parse
+from messages.schemas import LineItemIn, OrderShipped, PaymentCallback, RecordPayment, UpdateInvoice
+from worker.delivery.handling import MalformedMessage, parse
 
 PAY = {"messageId": "m-1", "tenantId": "t", "invoiceNumber": "INV-00001", "amount": "10.00", "currency": "USD"}
 

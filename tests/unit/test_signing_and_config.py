@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from worker.config import ConfigurationError, load_settings
-from worker.signing import canonical, sign, verify
+from worker.delivery.signing import canonical, sign, verify
 
 VECTOR = {"amount": "120.00", "currency": "USD", "invoiceNumber": "INV-00892", "messageId": "cb-0001",
           "paymentId": "6f1c2d3e-0000-4000-8000-000000000001", "provider": "WorldPay", "responseCode": "0",

@@ -43,7 +43,7 @@ class Snapshot:
 def read_database(database_url: str, snapshot: Snapshot) -> None:
     import psycopg
 
-    from worker.relay import libpq_url
+    from worker.endpoints import libpq_url
 
     try:
         with psycopg.connect(libpq_url(database_url), connect_timeout=PROBE_TIMEOUT_SECONDS) as db:

@@ -105,7 +105,7 @@ def _json_from_the_start(instance: Any = None, options: dict | None = None, **_:
 def announce(message: str) -> None:
     """What `invoice-worker run` tells the person who started it: printed, or a JSON line."""
     if wants_json():
-        logging.getLogger("worker.supervisor").info(message)
+        logging.getLogger("worker.local.supervisor").info(message)
     else:
         print(message, flush=True)
 

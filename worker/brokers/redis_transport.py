@@ -1,0 +1,474 @@
+"""(~470 lines on purpose: one subclass of kombu's channel, its read script and its hand-back rules
+together, since each rule depends on what the script registered.)
+
+kombu's Redis transport, with one fix and two changes for speed (reading up to 100 messages per
+BRPOP answer, and acknowledging a batch in one round trip; see Channel). The fix: messages that could not be handed back when the broker
+went away are handed back as soon as it answers again, not after the visibility timeout.
+
+On Redis, a delivered message waits in the `unacked` hash until it is acknowledged. When the
+connection drops, Celery closes the channel and kombu tries to put the channel's unacknowledged
+messages back on their queues; with the broker away that fails ("UNABLE TO RESTORE"), and the
+messages stay in the hash until `visibility_timeout` (an hour by default) passes. Measured before
+this fix: the broker SIGKILLed and restarted 3 s later left 1 of 410 payments an hour late.
+
+The same failure could also stop the worker outright: restoring through a connection Celery had
+already torn down raised AttributeError in kombu 5.7, which Celery treats as unrecoverable (seen
+in the broker-kill scenario of tests/faults with kombu's own transport).
+
+Here the channel remembers the messages it could not restore (and any it could not even register
+in the hash: BRPOP had already taken them off their list), and the next channel that reaches the
+broker hands them back. A message restored twice (once here, once by kombu's visibility sweep)
+runs twice; the inbox makes the second run a duplicate. A message restored while its
+task still finishes on the old connection runs twice; the inbox makes the second run a duplicate.
+
+The read: kombu takes a message with BRPOP, which removes it from its list as it answers; an
+answer the network drops (a cut in that instant, or a connection the broker still thinks alive)
+loses the message. Here a read is one script (TAKE) that takes up to 100 messages of the first
+consumed list that has any and registers each as delivered (`unacked`) before it answers: a lost
+answer leaves them registered, and the channel hands them back (restore_orphans). Nothing blocks
+in the script, so an empty read is followed by a wait at the broker on a key nobody writes
+(BLPOP, 5 ms and doubling while the queues stay empty, at most POLL_MAX_SECONDS), then the next
+read: an idle worker polls, and a message waits at most that long before it is taken.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import uuid
+from time import monotonic, time
+
+from kombu.transport import redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+from kombu.utils.objects import cached_property
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+# Messages of this process that could not be handed back (or not even registered as delivered)
+# because the broker was away: delivery tag → (payload, exchange, routing key).
+_orphans: dict[str, tuple[dict, str, str]] = {}
+# Reads (TAKE) whose reply was lost: the `unacked` index score their messages were registered with.
+_lost_reads: set[str] = set()
+
+
+def orphans() -> frozenset[str]:
+    with _lock:
+        return frozenset(_orphans)
+
+
+def _remember(messages: list) -> None:
+    with _lock:
+        for message in messages:
+            info = message.delivery_info
+            _orphans[message.delivery_tag] = (message._raw, info["exchange"], info["routing_key"])
+
+
+class QoS(redis.QoS):
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        # Delivery tags already written to the `unacked` hash by the read's script (TAKE).
+        self.registered: set[str] = set()
+
+    def held_bytes(self) -> int:
+        """The bodies this channel holds: delivered, not yet acknowledged."""
+        return sum(len(m.body or b"") for tag, m in self._delivered.items() if tag not in self._dirty)
+
+    def can_consume(self) -> bool:
+        """kombu's prefetch count, and a bound on the bytes held: a flood of the largest allowed
+        messages (MAX_MESSAGE_BYTES each) fills HELD_BYTES, not the prefetch count times 8 MiB."""
+        return super().can_consume() and (not self._delivered or self.held_bytes() < held_limit())
+
+    def append(self, message, delivery_tag):  # noqa: ANN001 - kombu's signature
+        """kombu registers a delivered message in the `unacked` hash after BRPOP took it from its
+        list; when the broker goes away in between, the message would exist nowhere but here."""
+        if delivery_tag in self.registered:  # registered with the others of its read: bookkeeping only
+            self.registered.discard(delivery_tag)
+            return super(redis.QoS, self).append(message, delivery_tag)
+        try:
+            return super().append(message, delivery_tag)
+        except Exception:
+            _remember([message])
+            raise
+
+    def restore_unacked(self, client=None):  # noqa: ANN001 - kombu's signature
+        pending = [m for tag, m in self._delivered.items() if tag not in self._dirty]
+        try:
+            return super().restore_unacked(client)
+        except Exception as exc:  # noqa: BLE001 - the broker is away, or the connection already torn down
+            # (kombu 5.7 then fails on `conninfo.hostname` of a closed connection: an AttributeError
+            # that Celery reports as an unrecoverable error and the worker exits; measured here)
+            _remember(pending)
+            self._delivered.clear()
+            log.warning("broker away: %d unacknowledged message(s) will be handed back when it answers (%s)",
+                        len(pending), exc)
+            return None
+
+    def ack_many(self, delivery_tags: list[str]) -> None:
+        """Acknowledge a batch's messages with one round trip (kombu's ack is one pipeline each)."""
+        with self.channel.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            for tag in delivery_tags:
+                self._remove_from_indices(tag, pipe)
+            pipe.execute()
+        for tag in delivery_tags:
+            super(redis.QoS, self).ack(tag)  # the channel's own bookkeeping (kombu's virtual QoS)
+
+    def restore_visible(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        restore_orphans(self)
+        return super().restore_visible(*args, **kwargs)
+
+
+def restore_orphans(qos: QoS) -> int:
+    """Hand back the remembered messages through this channel, at the head of their queues (they
+    waited longest): from the `unacked` hash where kombu registered them (removing them there), else
+    from the copy kept here. Those it cannot reach yet stay remembered."""
+    if not _find_lost_reads(qos):
+        return 0
+    with _lock:
+        pending = list(_orphans.items())
+    restored = 0
+    for tag, (payload, exchange, routing_key) in pending:
+
+        def hand_back(pipe) -> None:  # noqa: ANN001 - a redis pipeline in a WATCH transaction
+            registered = pipe.hget(qos.unacked_key, tag)
+            pipe.multi()
+            pipe.zrem(qos.unacked_index_key, tag).hdel(qos.unacked_key, tag)
+            message, ex, rk = loads(bytes_to_str(registered)) if registered else (payload, exchange, routing_key)
+            if message is not None:  # None: a lost read's message no longer registered, acknowledged meanwhile
+                qos.channel._do_restore_message(message, ex, rk, pipe)
+
+        try:
+            with qos.channel.conn_or_acquire() as client:
+                client.transaction(hand_back, qos.unacked_key)
+        except qos.channel.connection_errors + (OSError,):
+            break
+        with _lock:
+            _orphans.pop(tag, None)
+        restored += 1
+    if restored:
+        log.warning("handed back %d message(s) left unacknowledged when the broker went away", restored)
+    return restored
+
+
+def _find_lost_reads(qos: QoS) -> bool:
+    """Turn each read whose TAKE reply was lost into orphans: the messages registered in the
+    `unacked` index with that read's score (the script ran) are handed back from the hash; none
+    registered (the script never ran) leaves nothing to do. False when the broker is away still."""
+    with _lock:
+        reads = list(_lost_reads)
+    for score in reads:
+        try:
+            with qos.channel.conn_or_acquire() as client:
+                tags = client.zrangebyscore(qos.unacked_index_key, score, score)
+        except qos.channel.connection_errors + (OSError,):
+            return False
+        with _lock:
+            for tag in tags:
+                # no copy of its own: hand_back takes it from the hash, or finds it gone (acknowledged)
+                _orphans.setdefault(bytes_to_str(tag), (None, None, None))
+            _lost_reads.discard(score)
+    return True
+
+
+def held_limit() -> int:
+    from worker.config import settings
+
+    return HELD_MESSAGES_OF_MAX_SIZE * settings().max_message_bytes
+
+
+# What a worker's consumer holds at most, in bodies delivered and not yet acknowledged: room for
+# two of the largest allowed messages (16 MiB by default), whatever the prefetch count. A batch of
+# 100 payments is 30 KB; imports are what this bounds (measured, 60 imports of 1,000 invoices with
+# batching on: worker PSS 439 MB with room for eight, 357 MB with two; 254 MB with batching off).
+HELD_MESSAGES_OF_MAX_SIZE = 2
+# A read. KEYS: the `unacked` hash, its index, then the consumed lists in the order to try them.
+# ARGV: the byte budget, the index score, the tag prefix, then for each list the most messages to
+# take from it, its queue's name as JSON, and '1' to register what it takes ('0' for a no-ack
+# consumer's). From the first list that has any: up to that many messages, while their bytes stay
+# within the budget (the last one taken may pass it), each
+# registered in the hash (tag = prefix .. n) as kombu registers a delivery ([payload, exchange,
+# routing key]; the default exchange and the queue's name, which is where kombu's restore puts a
+# message back) and in the index, before the reply. Reply: the list's position, then the messages.
+# An item that is not a JSON object (not a kombu message) is registered as a JSON string; the
+# worker dead-letters it (Channel._payload).
+TAKE = """
+local budget, score, prefix = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+for i = 1, #KEYS - 2 do
+  local item = redis.call('RPOP', KEYS[i + 2])
+  if item then
+    local most, queue, register = tonumber(ARGV[1 + 3 * i]), ARGV[2 + 3 * i], ARGV[3 + 3 * i] == '1'
+    local taken, bytes = {i}, 0
+    while item do
+      if register then
+        local tag = prefix .. #taken
+        local entry = item
+        if string.byte(item, 1) ~= 123 or string.byte(item, -1) ~= 125 then entry = cjson.encode(item) end
+        redis.call('HSET', KEYS[1], tag, '[' .. entry .. ',"",' .. queue .. ']')
+        redis.call('ZADD', KEYS[2], score, tag)
+      end
+      taken[#taken + 1] = item
+      bytes = bytes + #item
+      if #taken > most or bytes >= budget then break end
+      item = redis.call('RPOP', KEYS[i + 2])
+    end
+    return taken
+  end
+end
+return {}
+"""
+# After an empty read, the wait at the broker before the next: 5 ms, doubling while reads stay
+# empty, at most POLL_MAX_SECONDS (an idle worker then costs two round trips per POLL_MAX_SECONDS;
+# a message published to an idle worker waits at most that long).
+POLL_MIN_SECONDS = 0.005
+POLL_MAX_SECONDS = 0.05
+
+
+def one_at_a_time_queues() -> dict[str, int]:
+    """The imports queue (large, long messages) may hold no more than the ordinary prefetch
+    (WORKER_CONCURRENCY × WORKER_PREFETCH_MULTIPLIER) and one more, however far batching raises the
+    channel's prefetch count for the message queues. The one more is the next import, decoded and
+    ready when a pool process frees up: with exactly one per process, a freed process waited for
+    the main process to notice, fetch and hand over the next one (measured on a quiet machine,
+    50,000 invoices, alternating: 8,616 and 8,076 invoices/s without it, 8,951 and 8,739 with it;
+    peak PSS 246 → 252 MB). A read takes one import at most."""
+    from worker.config import settings
+
+    config = settings()
+    limit = config.worker_concurrency * config.worker_prefetch_multiplier + 1
+    return {"invoices.imports": limit}
+
+
+class Channel(redis.Channel):
+    QoS = QoS
+    # The most messages taken in one read.
+    MOST_PER_READ = 101
+    # False when the broker refuses scripts: kombu's BRPOP, with its window (docs/brokers.md).
+    _scripted = True
+    _brpop_once = False
+    _no_ack_queues: frozenset[str] = frozenset()
+    _empty_reads = 0  # empty reads in a row: the wait after the last one doubles with each
+    _wait_next = False
+    # The read in flight: its index score, its queues (one per list) and its tag prefix.
+    _take: tuple[str, list[str], str] | None = None
+
+    def _held_per_queue(self) -> dict[str, int]:
+        held: dict[str, int] = {}
+        for tag, message in self.qos._delivered.items():
+            if tag not in self.qos._dirty:
+                queue = (message.delivery_info or {}).get("routing_key")
+                held[queue] = held.get(queue, 0) + 1
+        return held
+
+    def _consumable(self) -> tuple[list[str], bool]:
+        """The consumed queues in kombu's fair order, leaving out a one-at-a-time queue (imports)
+        that already holds its share (measured, 60 imports with batching on took 2,093 invoices/s
+        and 357 MB when the worker held ~27 of them, 3,368/s and 262 MB holding ~4); and whether
+        one was left out."""
+        consumed = self._queue_cycle.consume(len(self.active_queues))
+        limits = self._one_at_a_time
+        if not limits:
+            return consumed, False
+        held = self._held_per_queue()
+        queues = [q for q in consumed if held.get(q, 0) < limits.get(q, 1 << 30)] or consumed
+        return queues, len(queues) < len(consumed)
+
+    def _send(self, *command_args: object) -> None:
+        """Send a read's command on the channel's polled connection. Keys get the global key
+        prefix: kombu's for BRPOP, here for TAKE's (kombu prefixes no EVAL); the wait's key is
+        private either way."""
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        if self.global_keyprefix and command_args[0] != "EVAL":
+            command_args = tuple(self.client._prefix_args(list(command_args)))
+        self.client.connection.send_command(*command_args)
+
+    def _brpop_start(self, timeout=None):  # noqa: ANN001 - kombu's signature
+        """Send the next read: TAKE over the consumable queues, or, after an empty read, the wait."""
+        queues, left_out = self._consumable()
+        if not queues:
+            return None
+        if not self._scripted or self._brpop_once:
+            self._brpop_once = False
+            keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+            wait = timeout if timeout is not None else self.brpop_timeout
+            if left_out:  # come back soon for the queue left out (Redis 6: fractions of a second)
+                wait = min(wait or 1, POLL_MAX_SECONDS)
+            return self._send("BRPOP", *keys, wait or 0)
+        if self._wait_next:
+            self._wait_next = False
+            wait = min(POLL_MIN_SECONDS * 2 ** min(self._empty_reads - 1, 10), POLL_MAX_SECONDS)
+            return self._send("BLPOP", self._wait_key, wait)
+        pairs = [(self._q_for_pri(queue, pri), queue) for pri in self.priority_steps for queue in queues]
+        room = self.qos.can_consume_max_estimate() if self.qos.prefetch_count else self.MOST_PER_READ
+        most = max(1, min(room or 1, self.MOST_PER_READ))
+        budget = max(1, held_limit() - self.qos.held_bytes())
+        score, prefix = repr(time()), f"{uuid.uuid4()}:"
+        argv: list[object] = [budget, score, prefix]
+        for _, queue in pairs:
+            argv += [1 if queue in self._one_at_a_time else most, dumps(queue),
+                     "0" if queue in self._no_ack_queues else "1"]
+        p = self.global_keyprefix or ""
+        keys = [p + key for key in (self.qos.unacked_key, self.qos.unacked_index_key, *(key for key, _ in pairs))]
+        self._take = (score, [queue for _, queue in pairs], prefix)
+        try:
+            self._send("EVAL", TAKE, len(keys), *keys, *argv)
+        except Exception:
+            self._lost_take()
+            raise
+        return None
+
+    @cached_property
+    def _wait_key(self) -> str:
+        """A key nobody writes: a BLPOP on it is a wait at the broker that takes nothing."""
+        return f"{self.unacked_key}:wait:{uuid.uuid4().hex}"
+
+    @cached_property
+    def _one_at_a_time(self) -> dict[str, int]:
+        try:
+            return one_at_a_time_queues()
+        except Exception:  # not a worker of this project (a publisher, a tool): kombu's behaviour
+            return {}
+
+    def _lost_take(self) -> None:
+        """The read in flight may have run with its reply lost: what it took is registered under its
+        score, and the channel that reaches the broker next hands it back (restore_orphans)."""
+        take, self._take = self._take, None
+        if take is not None:
+            with _lock:
+                _lost_reads.add(take[0])
+
+    def _brpop_read(self, **options):  # noqa: ANN003 - kombu's signature
+        """Read the reply of the read in flight: TAKE's messages delivered; nothing (Empty) for an
+        empty read or a wait. A reply lost to the connection: see _lost_take."""
+        take = self._take
+        if take is None:  # a wait, or kombu's BRPOP
+            return self._read_brpop(**options)
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, "EVAL", **options)
+            except self.connection_errors:
+                self._lost_take()
+                self.client.connection.disconnect()
+                raise
+            except redis.redis.ResponseError as exc:
+                # Refused before it took anything (its first write is an RPOP): a full noeviction
+                # server (OOM) refuses scripts for now, and BRPOP takes the next message; no
+                # scripting at all: BRPOP from now on.
+                self._take = None
+                if str(exc).startswith("OOM"):
+                    self._brpop_once = True
+                else:
+                    log.warning("the broker refuses scripts (%s); reading with BRPOP, which can lose a message "
+                                "whose answer the network drops (docs/brokers.md)", exc)
+                    self._scripted = False
+                raise redis.Empty() from None
+            self._take = None
+            if not reply:
+                self._empty_reads += 1
+                self._wait_next = True
+                raise redis.Empty()
+            self._empty_reads = 0
+            _score, queues, prefix = take
+            dest = queues[int(reply[0]) - 1]
+            self._queue_cycle.rotate(dest)
+            tags = [f"{prefix}{n}" for n in range(1, len(reply))]
+            if dest not in self._no_ack_queues:
+                self.qos.registered.update(tags)
+            for tag, item in zip(tags, reply[1:]):
+                self.connection._deliver(self._payload(item, tag, dest), dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _read_brpop(self, **options):  # noqa: ANN003
+        """A wait's reply (nothing), or kombu's BRPOP read (no scripting, or a full server)."""
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise redis.Empty()
+            key, item = dest__item
+            dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            self._empty_reads = 0
+            self.connection._deliver(loads(bytes_to_str(item)), dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    @staticmethod
+    def _payload(item: bytes, tag: str, queue: str) -> dict:
+        """A taken message as kombu delivers it, under the tag TAKE registered it with. An item that
+        is no kombu message becomes one no serializer reads, so that the worker dead-letters it
+        whole (`undecodable`) and acknowledges it, instead of failing the read."""
+        try:
+            payload = loads(bytes_to_str(item))
+            properties = payload["properties"]
+            properties["delivery_tag"] = tag
+            properties.setdefault("delivery_info", {}).setdefault("routing_key", queue)
+            return payload
+        except Exception:  # noqa: BLE001 - whatever it is, it is kept whole
+            return {"body": base64.b64encode(item).decode(), "content-encoding": "binary",
+                    "content-type": "application/x-not-a-kombu-message", "headers": {},
+                    "properties": {"body_encoding": "base64", "delivery_tag": tag, "priority": 0,
+                                   "delivery_info": {"exchange": "", "routing_key": queue}}}
+
+    def _poll_error(self, type, **options):  # noqa: ANN001, ANN003 - kombu's signature
+        if type == "BRPOP":
+            self._lost_take()
+        return super()._poll_error(type, **options)
+
+    def close(self):
+        """kombu reads the reply of a read in flight before it closes; when that fails, what the
+        read took is handed back by the next channel."""
+        try:
+            return super().close()
+        finally:
+            self._lost_take()
+
+    def basic_cancel(self, consumer_tag):  # noqa: ANN001 - kombu's signature
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._tag_to_queue.values():
+            self._no_ack_queues = self._no_ack_queues - {queue}
+        return result
+
+    def basic_ack_many(self, delivery_tags: list[str]) -> None:
+        self.qos.ack_many(delivery_tags)
+
+    def basic_consume(self, queue, no_ack, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003 - kombu's signature
+        # A no-ack consumer (a reply queue: Celery's control replies) is never acknowledged: what a
+        # read takes for it is not registered as delivered (it would come back after the
+        # visibility timeout), as kombu does not register it.
+        if no_ack:
+            self._no_ack_queues = self._no_ack_queues | {queue}
+        else:
+            self._no_ack_queues = self._no_ack_queues - {queue}
+        result = super().basic_consume(queue, no_ack, *args, **kwargs)
+        try:
+            restore_orphans(self.qos)
+        except Exception:  # the next periodic restore tries again
+            log.debug("could not hand back orphaned messages yet", exc_info=True)
+        return result
+
+
+class Transport(redis.Transport):
+    Channel = Channel
+
+
+TRANSPORT = f"{__name__}:Transport"
+
+
+def transport_for(broker_url: str | None) -> str | None:
+    """The transport class for a broker URL: this one for redis://, kombu's choice otherwise."""
+    if broker_url and broker_url.split("://", 1)[0] in ("redis", "rediss"):
+        return TRANSPORT
+    return None

@@ -1,0 +1,542 @@
+"""Micro-batched application of the message queues (payments, orders, commands).
+
+Celery hands each message to a pool process and runs it in a transaction of its own: six
+statements and a COMMIT, a pipe round trip and an ORM load per message. Here the worker's main
+process gathers up to APPLY_BATCH_SIZE messages, or what arrived in APPLY_BATCH_WAIT_MS, and hands
+them to a pool process as one job, which applies them in one transaction:
+
+1. one statement claims every messageId of the batch in the inbox (in key order, so two batches
+   never wait on each other crosswise); the messageIds another copy already took are duplicates,
+   their first outcomes read with one more statement;
+2. one statement loads and locks the batch's invoices, in id order (two batches never deadlock);
+3. each message runs in its own savepoint, in arrival order: a rejection rolls back that message
+   alone and commits its `command.rejected` event; a copy of a messageId already in the batch is
+   a duplicate of it;
+4. one multi-row statement each writes the outcomes, the outbox and the history; one COMMIT.
+
+Every message of the batch is acknowledged only after that commit. Whatever the batch cannot
+decide for one message alone (an invoice or payment not known yet, a broken body, a key taken
+by a concurrent copy, anything unexpected) is handed back to the broker and comes back marked
+redelivered: redelivered messages, retries (with their eta) and unusual calls take Celery's
+ordinary path, one message per task, with all of its rules (the poison count, back-off, dead
+letters). A passing fault of the whole batch (the database away) hands every message back the
+same way, and so does a pool process that dies mid-batch: each message is then applied once, by
+the inbox.
+
+One file of ~500 lines on purpose: the gathering (main process) and the applying (pool process)
+share the batch's item type and its hand-back rules, and each step above is read beside the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import psycopg
+from celery import signals
+from kombu.serialization import loads
+from pydantic import BaseModel
+from sqlalchemy import delete, func, or_, select, tuple_
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.exc import StaleDataError
+
+from models.errors import DomainError
+from models.invoice import Invoice
+from models.payment import Payment
+from worker.config import settings
+from worker.delivery import dead_letters
+from worker.delivery.handling import (
+    CONFLICT_ATTEMPTS,
+    CONFLICT_SQLSTATES,
+    MalformedMessage,
+    Operation,
+    _sqlstate,
+    dead_letter,
+    parse,
+    rejection,
+)
+from worker.operations import logs, metrics
+from worker.storage import db
+from worker.storage.unit_of_work import (
+    HISTORY_INSERT,
+    INBOX,
+    OUTBOX_INSERT,
+    RECORD,
+    InvoiceAddress,
+    Outcome,
+    Preloaded,
+    UnitOfWork,
+)
+
+log = logging.getLogger(__name__)
+
+ACK, REQUEUE = "ack", "requeue"
+PAYMENTS = Payment.__table__
+# A check of the raw body before it is parsed (the callback signature): (reason, error) dead-letters it.
+Check = Callable[[Any], tuple[str, str] | None]
+
+
+@dataclass(frozen=True)
+class Spec:
+    schema: type[BaseModel]
+    operation: Operation
+    check: Check | None = None
+
+
+BATCHABLE: dict[str, Spec] = {}
+
+
+def batchable(task_name: str, schema: type[BaseModel], operation: Operation, check: Check | None = None) -> None:
+    """Declare that a task's messages may be applied in batches: its body schema and operation."""
+    BATCHABLE[task_name] = Spec(schema, operation, check)
+
+
+# ---------------------------------------------------------------- the main process
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a pool process needs of one message: picklable, and small (the body stays encoded)."""
+
+    task: str
+    delivery_id: str
+    body: Any
+    content_type: str
+    content_encoding: str
+    headers: dict[str, Any]
+
+
+@dataclass
+class Pending:
+    entry: Entry
+    message: Any
+
+    def settle(self, action: str) -> None:
+        """Acknowledge the message, or hand it back. A message of a connection lost meanwhile cannot
+        be either (kombu raises, and Celery would stop the worker): the broker hands it back itself,
+        and the inbox makes its next run a duplicate."""
+        try:
+            if action == ACK:
+                self.message.ack()
+            else:
+                self.message.reject(requeue=True)
+        except Exception as exc:
+            log.warning("could not %s %s %s (%s: %s); its broker connection was lost and it comes back",
+                        "acknowledge" if action == ACK else "hand back", self.entry.task, self.entry.delivery_id,
+                        type(exc).__name__, exc)
+
+
+def acknowledge(batch: list[Pending]) -> None:
+    """Acknowledge messages together where the transport can (worker/brokers/redis_transport.py: one round
+    trip per batch instead of one per message); else, or when that fails, one by one."""
+    by_channel: dict[Any, list[Pending]] = {}
+    for pending in batch:
+        by_channel.setdefault(pending.message.channel, []).append(pending)
+    for channel, group in by_channel.items():
+        ack_many = getattr(channel, "basic_ack_many", None)
+        if ack_many is not None and len(group) > 1:
+            try:
+                ack_many([p.message.delivery_tag for p in group])
+            except Exception as exc:
+                log.warning("could not acknowledge %d messages together (%s: %s); one by one",
+                            len(group), type(exc).__name__, exc)
+            else:
+                for pending in group:
+                    pending.message._state = "ACK"  # what kombu's Message.ack records after its basic_ack
+                continue
+        for pending in group:
+            pending.settle(ACK)
+
+
+def is_ordinary(message: Any) -> bool:
+    """A first delivery of a plain message: no eta or retry count, not handed back before."""
+    headers = message.headers or {}
+    info = message.delivery_info or {}
+    return not (headers.get("eta") or headers.get("retries") or headers.get("redelivered") or info.get("redelivered"))
+
+
+class Batcher:
+    """Gathers the batchable messages a worker's consumer receives and hands them to the pool."""
+
+    def __init__(self, consumer: Any) -> None:
+        config = settings()
+        self.consumer = consumer
+        self.size = config.apply_batch_size
+        self.wait = config.apply_batch_wait_ms / 1000
+        self.buffer: list[Pending] = []
+        self.in_flight = 0
+        self.due = False
+        self.timer_ref: Any = None
+
+    def strategy(self, task: Any, ordinary: Callable[..., Any]) -> Callable[..., Any]:
+        """The task's consumer strategy: batch first deliveries; the rest take Celery's path."""
+        name = task.name
+        consumer = self.consumer
+
+        def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kwargs: Any) -> Any:
+            if body is not None or not is_ordinary(message):
+                return ordinary(message, body, ack, reject, callbacks, **kwargs)
+            headers = message.headers or {}
+            entry = Entry(name, str(headers.get("id") or message.delivery_tag), message.body, message.content_type,
+                          message.content_encoding, {k: headers.get(k) for k in ("id", "root_id", "parent_id", "origin")})
+            self.buffer.append(Pending(entry, message))
+            signals.task_received.send(sender=consumer, request=None)
+            if len(self.buffer) >= self.size:
+                self.flush()
+            elif self.timer_ref is None:
+                self.timer_ref = consumer.timer.call_after(self.wait, self._waited)
+            return None
+
+        return on_message
+
+    def _waited(self) -> None:
+        """The wait ran out: flush now when a pool process is free, else when the next batch ends
+        (a longer wait while every process is busy costs nothing and makes the batch larger)."""
+        self.timer_ref = None
+        if self.in_flight < self.consumer.pool.num_processes:
+            self.flush()
+        else:
+            self.due = True
+
+    def _cancel_timer(self) -> None:
+        if self.timer_ref is not None:
+            self.timer_ref.cancel()
+            self.timer_ref = None
+
+    def flush(self) -> None:
+        self._cancel_timer()
+        self.due = False
+        batch, self.buffer = self.buffer, []
+        if not batch:
+            return
+        self.in_flight += 1
+
+        def done(actions: list[str]) -> None:
+            acknowledge([p for p, action in zip(batch, actions) if action == ACK])
+            for pending, action in zip(batch, actions):
+                if action != ACK:
+                    pending.settle(action)
+            self._ended()
+
+        def lost(exc_info: Any) -> None:
+            # The pool process died or ran out of time: nothing of the batch committed, or all of it;
+            # each message comes back redelivered and runs alone, applied once by the inbox.
+            log.error("a batch of %d messages was lost with its pool process (%s); handing them back",
+                      len(batch), getattr(exc_info, "exception", exc_info))
+            for pending in batch:
+                pending.settle(REQUEUE)
+            self._ended()
+
+        config = settings()
+        self.consumer.pool.apply_async(apply_batch, ([p.entry for p in batch],), callback=done, error_callback=lost,
+                                       soft_timeout=config.task_soft_time_limit, timeout=config.task_time_limit)
+
+    def discard(self) -> None:
+        self._cancel_timer()
+        self.buffer = []
+
+    def _ended(self) -> None:
+        self.in_flight -= 1
+        if self.buffer and (self.due or len(self.buffer) >= self.size):
+            self.flush()
+
+
+def install(consumer: Any) -> None:
+    """Give the batchable tasks the batching strategy (APPLY_BATCH_SIZE above 1)."""
+    if settings().apply_batch_size <= 1:
+        return
+    old = getattr(consumer, "batcher", None)
+    if old is not None:  # the connection was lost: what the old one gathered comes back from the broker
+        old.discard()
+    batcher = Batcher(consumer)
+    consumer.batcher = batcher
+    for name in BATCHABLE:
+        if name in consumer.strategies:
+            consumer.strategies[name] = batcher.strategy(consumer.app.tasks[name], consumer.strategies[name])
+
+
+# ---------------------------------------------------------------- a pool process
+
+
+@dataclass
+class Item:
+    index: int
+    entry: Entry
+    body: Any
+    spec: Spec
+    message: Any = None
+    outcome: Outcome | None = None
+    copy_of: "Item | None" = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.message.tenant_id, self.message.message_id
+
+
+def apply_batch(entries: list[Entry]) -> list[str]:
+    """Apply a batch of messages; return, per message, whether to acknowledge it or hand it back."""
+    started = time.perf_counter()
+    actions = [ACK] * len(entries)
+    items: list[Item] = []
+    for index, entry in enumerate(entries):
+        item = _prepare(index, entry)
+        if item is None:
+            actions[index] = REQUEUE
+        elif item.message is not None:
+            items.append(item)
+    if items:
+        for item in _apply(items):
+            actions[item.index] = REQUEUE
+    seconds = (time.perf_counter() - started) / max(1, len(entries))
+    for item in items:
+        if actions[item.index] == ACK and item.outcome is not None:
+            _report(item, seconds)
+    return actions
+
+
+def _prepare(index: int, entry: Entry) -> Item | None:
+    """The message parsed; dead-lettered here when its body is malformed (the Item then has no
+    message); None when it must take the ordinary path."""
+    spec = BATCHABLE[entry.task]
+    try:
+        args, kwargs, _embed = loads(entry.body, entry.content_type, entry.content_encoding, accept={"application/json"})
+    except Exception:
+        return None
+    if not isinstance(args, (list, tuple)) or len(args) != 1 or kwargs:
+        return None
+    item = Item(index, entry, args[0], spec)
+    try:
+        problem = spec.check(item.body) if spec.check is not None else None
+        if problem is not None:
+            raise MalformedMessage(problem[1], problem[0])
+        item.message = parse(spec.schema, item.body)
+    except MalformedMessage as exc:
+        delivery = dead_letters.Delivery(entry.delivery_id, entry.task, item.body,
+                                         {**entry.headers, "task": entry.task, "batched": True})
+        try:
+            item.outcome = dead_letter(delivery, exc.reason, exc.error)
+        except Exception as error:
+            log.warning("cannot dead-letter %s %s in its batch (%s); handing it back", entry.task, entry.delivery_id, error)
+            return None
+        _report(item, 0.0)
+    return item
+
+
+class Unsure(Exception):
+    """A message of a batch applied without savepoints raised: the batch runs again with them."""
+
+
+def _apply(items: list[Item]) -> list[Item]:
+    """Apply the parsed messages in one transaction; return those to hand back.
+
+    The batch first runs without savepoints and with one flush at the end (a message costs no
+    statement of its own then). When any message raises (a rejection, a key taken, anything), that
+    attempt is rolled back and the batch runs again with a savepoint per message, so that the
+    message alone is rolled back. A conflict of the whole batch (a deadlock, a lock wait that ran
+    out) runs it again; a passing fault (the database away) hands it back."""
+    savepoints = False
+    for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+        for item in items:
+            item.outcome, item.copy_of = None, None
+        try:
+            with db.sessions()() as session:
+                return _transaction(session, items, savepoints)
+        except Unsure as exc:
+            log.debug("a batch of %d messages runs again with a savepoint per message: %s", len(items), exc.__cause__)
+            savepoints = True
+            continue
+        except (DBAPIError, psycopg.Error) as exc:
+            state = _sqlstate(exc)
+            if state in CONFLICT_SQLSTATES and attempt < CONFLICT_ATTEMPTS:
+                log.info("a batch of %d messages met conflict %s, attempt %d; running it again", len(items), state, attempt)
+                time.sleep(random.uniform(0, 0.01 * 2**attempt))
+                continue
+            log.warning("a batch of %d messages could not be applied (%s); handing them back", len(items), exc)
+            return items
+        except Exception:
+            log.exception("a batch of %d messages broke; handing them back", len(items))
+            return items
+    return items
+
+
+def _transaction(session: Session, items: list[Item], savepoints: bool) -> list[Item]:
+    connection = session.connection()
+    first: dict[tuple[str, str], Item] = {}
+    for item in items:
+        item.copy_of = first.get(item.key)
+        if item.copy_of is None:
+            first[item.key] = item
+    claimed = _claim(connection, list(first.values()))
+    earlier = _first_outcomes(connection, [item.key for item in first.values() if item.key not in claimed])
+    fresh = [item for item in first.values() if item.key in claimed]
+    preloaded = _load_and_lock(session, fresh)
+
+    outbox: list[dict[str, Any]] = []
+    history: list[dict[str, Any]] = []
+    handed_back: list[Item] = []
+    for item in items:
+        if item.copy_of is not None:
+            continue
+        if item.key not in claimed:
+            item.outcome = earlier.get(item.key)
+            if item.outcome is None:  # its first copy's record is gone meanwhile: the ordinary path decides
+                handed_back.append(item)
+            continue
+        uow = UnitOfWork(session, tenant_id=item.message.tenant_id, message_id=item.message.message_id,
+                         task=item.entry.task)
+        uow.preloaded = preloaded
+        if savepoints:
+            outcome = _in_savepoint(session, uow, item)
+            if outcome is None:
+                handed_back.append(item)
+                continue
+        else:
+            try:
+                outcome = item.spec.operation(uow, item.message) or Outcome("applied", item.message.message_id)
+                uow.flush_events()
+            except Exception as exc:
+                raise Unsure(f"{item.entry.task} {item.message.message_id}") from exc
+        item.outcome = outcome
+        outbox.extend(uow._outbox)
+        history.extend(uow._history)
+    if not savepoints:
+        try:
+            session.flush()
+        except (IntegrityError, DataError, StaleDataError) as exc:
+            raise Unsure("the batch's flush") from exc
+
+    if handed_back:  # their claims go, so that their next run is not taken for a duplicate
+        keys = [item.key for item in handed_back if item.key in claimed]
+        if keys:
+            connection.execute(delete(INBOX).where(tuple_(INBOX.c.tenant_id, INBOX.c.message_id).in_(keys)))
+    records = [_record_row(item) for item in items if item.copy_of is None and item.key in claimed
+               and item not in handed_back]
+    if records:
+        connection.execute(RECORD, records)
+    if outbox:
+        connection.execute(OUTBOX_INSERT, outbox)
+    if history:
+        connection.execute(HISTORY_INSERT, history)
+    session.commit()
+
+    for item in items:
+        if item.copy_of is not None:
+            if item.copy_of in handed_back:
+                handed_back.append(item)
+            else:
+                item.outcome = _as_duplicate(item.copy_of.outcome, item.message.message_id)
+    return handed_back
+
+
+def _in_savepoint(session: Session, uow: UnitOfWork, item: Item) -> Outcome | None:
+    """Apply one message in a savepoint: its outcome, or None when it must leave the batch."""
+    savepoint = session.begin_nested()
+    try:
+        outcome = item.spec.operation(uow, item.message) or Outcome("applied", item.message.message_id)
+        uow.flush_events()
+        session.flush()
+        savepoint.commit()
+        return outcome
+    except DomainError as error:
+        savepoint.rollback()
+        uow._outbox.clear()
+        uow._history.clear()
+        uow._touched.clear()
+        return rejection(uow, item.entry.task, item.message, error)
+    except Exception as exc:  # not decidable here (not known yet, a key race, a bug): alone, later
+        savepoint.rollback()
+        log.info("%s %s leaves its batch: %s: %s", item.entry.task, item.message.message_id, type(exc).__name__, exc)
+        return None
+
+
+# One statement for the whole batch (insertmanyvalues: SQLAlchemy sends the rows as one INSERT, and
+# the statement is compiled once, whatever the batch's size).
+_CLAIM_MANY = (insert(INBOX).values(outcome="applied", processed_at=func.now()).on_conflict_do_nothing()
+               .returning(INBOX.c.tenant_id, INBOX.c.message_id))
+
+
+def _claim(connection: Any, items: list[Item]) -> set[tuple[str, str]]:
+    """Take the batch's messageIds, in key order; the ones another copy already took are not returned."""
+    rows = [{"tenant_id": tenant, "message_id": message, "task": task}
+            for (tenant, message), task in sorted((item.key, item.entry.task) for item in items)]
+    return {(row.tenant_id, row.message_id) for row in connection.execute(_CLAIM_MANY, rows)}
+
+
+def _first_outcomes(connection: Any, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Outcome]:
+    if not keys:
+        return {}
+    rows = connection.execute(select(INBOX).where(tuple_(INBOX.c.tenant_id, INBOX.c.message_id).in_(keys))).mappings()
+    return {
+        (row["tenant_id"], row["message_id"]): Outcome(
+            "duplicate", row["message_id"], reason=row["reason"], invoice_id=row["invoice_id"],
+            invoice_number=row["invoice_number"], extra={"firstOutcome": row["outcome"], **(row["result"] or {})})
+        for row in rows
+    }
+
+
+# Tasks whose operation reads an invoice's payments; a batch without them does not load any.
+RECORDS_ONLY = frozenset({"invoices.record_payment"})
+
+
+def _load_and_lock(session: Session, items: list[Item]) -> Preloaded:
+    """Every invoice the batch's messages name, locked in id order. Their payments are loaded with
+    them only when a message of the batch reads payments; a batch of offline payments reads just
+    the ids of the payments the invoices have (for its duplicate check), without the ORM."""
+    by_number, by_id = set(), set()
+    for item in items:
+        address: InvoiceAddress | None = getattr(item.message, "address", None)
+        if address is None:
+            continue
+        if address.invoice_id is not None:
+            by_id.add((item.message.tenant_id, address.invoice_id))
+        elif address.invoice_number is not None:
+            by_number.add((item.message.tenant_id, address.invoice_number))
+    if not by_number and not by_id:
+        return Preloaded([])
+    conditions = []
+    if by_number:
+        conditions.append(tuple_(Invoice.tenant_id, Invoice.invoice_number).in_(sorted(by_number)))
+    if by_id:
+        conditions.append(tuple_(Invoice.tenant_id, Invoice.id).in_(sorted(by_id, key=str)))
+    query = select(Invoice).where(or_(*conditions)).order_by(Invoice.id).with_for_update(of=Invoice)
+    if any(item.entry.task not in RECORDS_ONLY for item in items):
+        return Preloaded(list(session.scalars(query.options(selectinload(Invoice.payments)))))
+    invoices = list(session.scalars(query))
+    rows = session.connection().execute(select(PAYMENTS.c.invoice_id, PAYMENTS.c.payment_id).where(
+        PAYMENTS.c.invoice_id.in_([invoice.id for invoice in invoices]))) if invoices else []
+    return Preloaded(invoices, {(row.invoice_id, row.payment_id) for row in rows})
+
+
+def _record_row(item: Item) -> dict[str, Any]:
+    outcome = item.outcome
+    assert outcome is not None
+    return {"tenant": item.message.tenant_id, "message": item.message.message_id, "outcome": outcome.outcome,
+            "reason": outcome.reason, "detail": outcome.detail, "invoice_id": outcome.invoice_id,
+            "invoice_number": outcome.invoice_number, "result": outcome.extra or None}
+
+
+def _as_duplicate(first: Outcome | None, message_id: str) -> Outcome | None:
+    if first is None:
+        return None
+    if first.outcome == "duplicate":
+        return Outcome("duplicate", message_id, reason=first.reason, invoice_id=first.invoice_id,
+                       invoice_number=first.invoice_number, extra=first.extra)
+    return Outcome("duplicate", message_id, reason=first.reason, invoice_id=first.invoice_id,
+                   invoice_number=first.invoice_number, extra={"firstOutcome": first.outcome, **first.extra})
+
+
+def _report(item: Item, seconds: float) -> None:
+    from worker.operations.telemetry import OUTCOME_LABELS
+
+    result = item.outcome.to_dict() if item.outcome is not None else {}
+    outcome = OUTCOME_LABELS.get(result.get("outcome", "applied"), "applied")
+    metrics.count_message(item.entry.task, outcome, result.get("reason"), seconds)
+    if logs.wants_json():
+        logs.task_line(item.entry.task, item.body, result, outcome, seconds, result.get("reason"))
+    else:  # the line Celery writes for a task of its own
+        log.info("Task %s[%s] succeeded in %.6fs (batched): %r", item.entry.task, item.entry.delivery_id, seconds, result)
