@@ -34,6 +34,7 @@ read: an idle worker polls, and a message waits at most that long before it is t
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 import uuid
@@ -120,6 +121,22 @@ class QoS(redis.QoS):
         restore_orphans(self)
         return super().restore_visible(*args, **kwargs)
 
+    def restore_by_tag(self, tag, client=None, leftmost=False):  # noqa: ANN001 - kombu's signature
+        """kombu's hand-back of one delivered message (a reject, a lost channel, the visibility
+        sweep), through restore_entry: kombu's own parsed the entry and, for an item TAKE had
+        registered as it was taken (not a kombu message, or one with blanks around it), failed
+        and removed the entry: the message was gone."""
+
+        def restore_transaction(pipe) -> None:  # noqa: ANN001 - a redis pipeline in a WATCH transaction
+            entry = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            self._remove_from_indices(tag, pipe)
+            if entry:
+                restore_entry(self.channel, entry, pipe, leftmost)
+
+        with self.channel.conn_or_acquire(client) as client:
+            client.transaction(restore_transaction, self.unacked_key)
+
 
 def restore_orphans(qos: QoS) -> int:
     """Hand back the remembered messages through this channel, at the head of their queues (they
@@ -136,9 +153,10 @@ def restore_orphans(qos: QoS) -> int:
             registered = pipe.hget(qos.unacked_key, tag)
             pipe.multi()
             pipe.zrem(qos.unacked_index_key, tag).hdel(qos.unacked_key, tag)
-            message, ex, rk = loads(bytes_to_str(registered)) if registered else (payload, exchange, routing_key)
-            if message is not None:  # None: a lost read's message no longer registered, acknowledged meanwhile
-                qos.channel._do_restore_message(message, ex, rk, pipe)
+            if registered:
+                restore_entry(qos.channel, registered, pipe)
+            elif payload is not None:  # None: a lost read's message no longer registered, acknowledged meanwhile
+                qos.channel._do_restore_message(payload, exchange, routing_key, pipe)
 
         try:
             with qos.channel.conn_or_acquire() as client:
@@ -173,6 +191,102 @@ def _find_lost_reads(qos: QoS) -> bool:
     return True
 
 
+# Where an `unacked` entry that neither TAKE nor kombu could have written goes (never observed; kept
+# rather than dropped, for an operator to look at).
+UNRESTORABLE_KEY = "invoices.unrestorable"
+
+
+def taken_item(entry: bytes) -> tuple[bytes, str] | None:
+    """The item and queue of an entry TAKE registered (`[` item `,"",` queue `]`), the item's bytes
+    as they were taken; None for an entry of kombu's own (its JSON has blanks after the commas)."""
+    cut = entry.rfind(b',"",')
+    if not entry.startswith(b"[") or not entry.endswith(b"]") or cut < 0:
+        return None
+    try:
+        queue = json.loads(entry[cut + 4:-1])
+    except ValueError:
+        return None
+    if not isinstance(queue, str):
+        return None
+    raw = entry[1:cut]
+    if raw.startswith(b'"'):  # registered as a JSON string (cjson): the item's bytes, escaped
+        try:
+            text = json.loads(raw.decode("utf-8", "surrogateescape"))
+        except ValueError:
+            return None
+        raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else raw
+    return raw, queue
+
+
+def envelope(raw: bytes | str) -> dict | None:
+    """The item as a kombu message that kombu and Celery can take without failing, or None."""
+    try:
+        payload = loads(bytes_to_str(raw))
+    except Exception:  # noqa: BLE001 - whatever it is, it is no message
+        return None
+    return payload if readable(payload) else None
+
+
+def readable(payload: object) -> bool:
+    """Whether kombu's Message can be made of it: a JSON object whose properties (and delivery_info
+    in them) and headers are objects, whose content type and encoding are text, and whose body
+    decodes by its body_encoding (kombu's base64 is what failed: binascii.Error stopped the worker)."""
+    if not isinstance(payload, dict):
+        return False
+    properties, headers, body = payload.get("properties"), payload.get("headers"), payload.get("body")
+    if not isinstance(properties, dict) or not isinstance(properties.get("delivery_info", {}), dict):
+        return False
+    if not isinstance(headers, (dict, type(None))) or not isinstance(body, (str, type(None))):
+        return False
+    if not all(isinstance(payload.get(key), (str, type(None))) for key in ("content-type", "content-encoding")):
+        return False
+    encoding = properties.get("body_encoding")
+    if encoding is None:
+        return True
+    if not isinstance(encoding, str):
+        return False
+    if encoding.lower() == "utf-8":
+        return True
+    codec = Channel.codecs.get(encoding)
+    try:
+        return codec is not None and codec.decode(body or "") is not None
+    except Exception:  # noqa: BLE001 - binascii.Error: a body that is no base64
+        return False
+
+
+def restore_entry(channel: "Channel", entry: bytes, pipe, leftmost: bool = False) -> None:  # noqa: ANN001
+    """Hand back a delivered message from its `unacked` entry, inside the caller's transaction. A
+    kombu message goes back marked redelivered, as kombu hands it back; anything else goes back
+    byte for byte, and the worker dead-letters it (`not-a-message`) when it reads it again."""
+    taken = taken_item(entry)
+    if taken is not None:
+        raw, queue = taken
+        payload = envelope(raw)
+        if payload is not None:
+            channel._do_restore_message(payload, "", queue, pipe, leftmost)
+        else:
+            (pipe.lpush if leftmost else pipe.rpush)(channel._q_for_pri(queue, 0), raw)
+        return
+    try:
+        message, exchange, routing_key = loads(bytes_to_str(entry))
+    except Exception:  # noqa: BLE001 - kept, never dropped
+        log.critical("an unacknowledged entry that is no message; kept in %s", UNRESTORABLE_KEY)
+        pipe.rpush(UNRESTORABLE_KEY, entry)
+        return
+    channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
+
+
+NOT_A_MESSAGE = "application/x-not-a-kombu-message"
+
+
+def not_a_message(item: bytes, tag: str, queue: str) -> dict:
+    """A kombu message carrying the item's bytes, of a content type no serializer reads: the
+    consumer dead-letters it whole, reason `not-a-message` (worker/delivery/consumer.py)."""
+    return {"body": base64.b64encode(item).decode(), "content-encoding": "binary", "content-type": NOT_A_MESSAGE,
+            "headers": {}, "properties": {"body_encoding": "base64", "delivery_tag": tag, "priority": 0,
+                                          "delivery_info": {"exchange": "", "routing_key": queue}}}
+
+
 def held_limit() -> int:
     from worker.config import settings
 
@@ -192,8 +306,9 @@ HELD_MESSAGES_OF_MAX_SIZE = 2
 # registered in the hash (tag = prefix .. n) as kombu registers a delivery ([payload, exchange,
 # routing key]; the default exchange and the queue's name, which is where kombu's restore puts a
 # message back) and in the index, before the reply. Reply: the list's position, then the messages.
-# An item that is not a JSON object (not a kombu message) is registered as a JSON string; the
-# worker dead-letters it (Channel._payload).
+# An item that does not look like a JSON object (its first and last characters, blanks aside) is
+# registered as a JSON string; the worker dead-letters it (Channel._payload). Either way the item
+# stands in the entry as it was taken, and restore_entry hands it back byte for byte.
 TAKE = """
 local budget, score, prefix = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 for i = 1, #KEYS - 2 do
@@ -204,8 +319,11 @@ for i = 1, #KEYS - 2 do
     while item do
       if register then
         local tag = prefix .. #taken
+        local first, last = 1, #item
+        while first <= last and string.find(' \\t\\r\\n', string.sub(item, first, first), 1, true) do first = first + 1 end
+        while last >= first and string.find(' \\t\\r\\n', string.sub(item, last, last), 1, true) do last = last - 1 end
         local entry = item
-        if string.byte(item, 1) ~= 123 or string.byte(item, -1) ~= 125 then entry = cjson.encode(item) end
+        if string.byte(item, first) ~= 123 or string.byte(item, last) ~= 125 then entry = cjson.encode(item) end
         redis.call('HSET', KEYS[1], tag, '[' .. entry .. ',"",' .. queue .. ']')
         redis.call('ZADD', KEYS[2], score, tag)
       end
@@ -378,11 +496,23 @@ class Channel(redis.Channel):
             if dest not in self._no_ack_queues:
                 self.qos.registered.update(tags)
             for tag, item in zip(tags, reply[1:]):
-                self.connection._deliver(self._payload(item, tag, dest), dest)
+                self._deliver_one(self._payload(item, tag, dest), item, tag, dest)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _deliver_one(self, payload: dict, item: bytes, tag: str, queue: str) -> None:
+        """Deliver one message of a read. What the consumer cannot take (it raised) is delivered
+        again as not-a-message, to be dead-lettered whole: the read's other messages go on, and the
+        worker with them (an exception here stopped the worker, its read stranded in `unacked`)."""
+        try:
+            self.connection._deliver(payload, queue)
+        except self.connection_errors:
+            raise
+        except Exception:
+            log.exception("a message the consumer could not take (%s); dead-lettering it whole", tag)
+            self.connection._deliver(not_a_message(item, tag, queue), queue)
 
     def _read_brpop(self, **options):  # noqa: ANN003
         """A wait's reply (nothing), or kombu's BRPOP read (no scripting, or a full server)."""
@@ -398,7 +528,8 @@ class Channel(redis.Channel):
             dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
             self._empty_reads = 0
-            self.connection._deliver(loads(bytes_to_str(item)), dest)
+            tag = str(uuid.uuid4())
+            self._deliver_one(self._payload(item, tag, dest), item, tag, dest)
             return True
         finally:
             self._in_poll = None
@@ -407,19 +538,26 @@ class Channel(redis.Channel):
     @staticmethod
     def _payload(item: bytes, tag: str, queue: str) -> dict:
         """A taken message as kombu delivers it, under the tag TAKE registered it with. An item that
-        is no kombu message becomes one no serializer reads, so that the worker dead-letters it
-        whole (`undecodable`) and acknowledges it, instead of failing the read."""
-        try:
-            payload = loads(bytes_to_str(item))
-            properties = payload["properties"]
-            properties["delivery_tag"] = tag
-            properties.setdefault("delivery_info", {}).setdefault("routing_key", queue)
-            return payload
-        except Exception:  # noqa: BLE001 - whatever it is, it is kept whole
-            return {"body": base64.b64encode(item).decode(), "content-encoding": "binary",
-                    "content-type": "application/x-not-a-kombu-message", "headers": {},
-                    "properties": {"body_encoding": "base64", "delivery_tag": tag, "priority": 0,
-                                   "delivery_info": {"exchange": "", "routing_key": queue}}}
+        is no kombu message kombu and Celery can read (envelope) becomes one that no serializer
+        reads, so that the worker dead-letters it whole (`not-a-message`) and acknowledges it,
+        instead of failing the read (CONTRACT.md section 2)."""
+        payload = envelope(item)
+        if payload is None:
+            return not_a_message(item, tag, queue)
+        properties = payload["properties"]
+        properties["delivery_tag"] = tag
+        properties.setdefault("delivery_info", {}).setdefault("routing_key", queue)
+        return payload
+
+    def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):  # noqa: ANN001
+        """kombu's hand-back marks the message redelivered; something that is no kombu message
+        (kombu logged it CRITICAL and dropped it) goes back as it is."""
+        if readable(payload) and isinstance(payload.get("headers"), dict):
+            return super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        raw = payload if isinstance(payload, (str, bytes)) else dumps(payload)
+        for queue in self._lookup(exchange, routing_key):
+            (pipe.lpush if leftmost else pipe.rpush)(self._q_for_pri(queue, 0), raw)
+        return None
 
     def _poll_error(self, type, **options):  # noqa: ANN001, ANN003 - kombu's signature
         if type == "BRPOP":

@@ -10,6 +10,7 @@ from typing import Any
 
 from celery.worker.consumer import Consumer
 
+from worker.brokers.redis_transport import NOT_A_MESSAGE
 from worker.brokers.topology import QUEUES, ROUTES
 from worker.config import settings
 from worker.delivery import batching, dead_letters
@@ -49,6 +50,31 @@ def _timing_problem(headers: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+# Celery reads these headers of a task message; a value of another type made it raise where it
+# catches nothing (a task name that is a list: unhashable), which stopped the consumer.
+_HEADER_TYPES: dict[str, tuple[type, ...]] = {
+    "task": (str,), "id": (str,), "eta": (str, type(None)), "expires": (str, type(None)), "retries": (int, type(None)),
+    "root_id": (str, type(None)), "parent_id": (str, type(None)), "group": (str, type(None)),
+    "timelimit": (list, tuple, type(None)), "argsrepr": (str, type(None)), "kwargsrepr": (str, type(None)),
+    "origin": (str, type(None)), "shadow": (str, type(None)), "lang": (str, type(None)),
+}
+
+
+def _header_problem(headers: dict[str, Any]) -> tuple[str, str] | None:
+    """A task message whose headers Celery cannot read (wrong types): not a message, kept whole."""
+    for name, types in _HEADER_TYPES.items():
+        value = headers.get(name)
+        if name in headers and (not isinstance(value, types) or isinstance(value, bool)):
+            return "not-a-message", f"header {name!r} is a {type(value).__name__}; a task message's is {types[0].__name__}"
+    if "task" in headers and "id" not in headers:
+        return "not-a-message", "a task message (protocol 2) carries its task id in the header 'id'"
+    limits = headers.get("timelimit")
+    if limits is not None and (len(limits) != 2 or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in limits)):
+        return "not-a-message", "header 'timelimit' is not two numbers"
+    return None
+
+
 def _when(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
@@ -79,6 +105,8 @@ def _kept(message: Any, body: Any, reason: str, error: str) -> bool:
 
 
 MAINTENANCE_TASKS = frozenset(QUEUES["invoices.maintenance"])
+# What a message's content (not the broker, the pool or the database) makes Celery's handling raise.
+MESSAGE_FAULTS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError, OverflowError)
 
 
 class InvoiceConsumer(Consumer):
@@ -98,17 +126,31 @@ class InvoiceConsumer(Consumer):
                 if _kept(message, message.body, "too-large", f"the body is {size} bytes; MAX_MESSAGE_BYTES allows {limit}"):
                     message.ack()
                 return None
-            problem = _timing_problem(message.headers or {})
+            problem = _header_problem(message.headers or {}) or _timing_problem(message.headers or {})
             if problem is not None:
-                if _kept(message, None, *problem):
+                if _kept(message, None if problem[0] != "not-a-message" else message.body, *problem):
                     message.ack()
                 return None
-            return handle(message)
+            try:
+                return handle(message)
+            except MESSAGE_FAULTS as exc:  # what a message's content makes Celery raise: that message alone
+                if message.acknowledged:
+                    raise
+                log.exception("Celery could not take a message; dead-lettering it")
+                if _kept(message, message.body, "invalid-task", f"the worker could not take the message: "
+                                                               f"{type(exc).__name__}: {exc}"):
+                    message.ack()
+                return None
 
         return on_task_received
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
-        if _kept(message, message.body, "undecodable", f"cannot decode a {message.content_type} message: {exc}"):
+        if message.content_type == NOT_A_MESSAGE:  # the Redis transport's wrapping of what is no message
+            kept = _kept(message, message.body, "not-a-message",
+                         "what arrived on the queue is not a message the worker can read (its envelope is broken)")
+        else:
+            kept = _kept(message, message.body, "undecodable", f"cannot decode a {message.content_type} message: {exc}")
+        if kept:
             super().on_decode_error(message, exc)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
