@@ -60,6 +60,12 @@ class BatchWorker:
         self.sent.append(body)
         return body
 
+    def key(self, body: dict[str, Any]) -> str:
+        """The key the worker counts this message's starts under (task id and body)."""
+        from worker.delivery.deliveries import delivery_key
+
+        return delivery_key(self.delivery_ids[body["messageId"]], body)
+
     def start(self, **env: str) -> None:
         """The batch is as large as what was sent (and waits long enough to gather all of it)."""
         self.proc = self.processes.worker(concurrency=1, name=f"batch-{uuid.uuid4().hex[:6]}@localhost", extra_env={
@@ -92,6 +98,14 @@ def transactions_of(tenant: str, message_ids: list[str]) -> int:
             InboxMessage.tenant_id == tenant, InboxMessage.message_id.in_(message_ids))).all()
     assert len(stamps) == len(set(message_ids))
     return len(set(stamps))
+
+
+def hold_claim(blocker: Any, tenant: str, message_id: str) -> None:
+    """Claim a messageId in a transaction left open, as a copy of the message in flight elsewhere:
+    a batch that claims it waits there, mid-transaction, with every message it holds. (A held
+    invoice no longer makes a batch wait: it skips the invoice, see the held-invoice test.)"""
+    blocker.execute("INSERT INTO inbox (tenant_id, message_id, task, outcome) VALUES (%s, %s, %s, 'applied')",
+                    (tenant, message_id, "invoices.record_payment"))
 
 
 def command(task_tenant: str, number: str, **fields: Any) -> dict[str, Any]:
@@ -167,10 +181,10 @@ def test_a_pool_process_killed_mid_batch_hands_every_message_back_and_each_appli
                                 payment(tenant, (held if i % 2 else free)["invoiceNumber"], f"{i + 1}.00"))
               for i in range(20)]
     with psycopg.connect(database_conninfo()) as blocker:
-        # The batch locks its invoices first: it stops there, mid-transaction, with all 20 messages.
-        blocker.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (held["id"],))
+        # The batch claims its messages first: it stops there, mid-transaction, with all 20 messages.
+        hold_claim(blocker, tenant, bodies[1]["messageId"])
         batch_worker.start()
-        wait_for(lambda: waiting_on_locks() >= 1, 20, what="the batch to block on the invoice lock")
+        wait_for(lambda: waiting_on_locks() >= 1, 20, what="the batch to block on the claim")
         [pool] = psutil.Process(batch_worker.proc.pid).children(recursive=True)
         pool.kill()
         pool.wait(10)
@@ -193,9 +207,9 @@ def test_a_batch_whose_database_connection_is_cut_is_retried_whole_and_loses_not
               for _ in range(12)]
     with psycopg.connect(database_conninfo(), autocommit=True) as admin:
         with psycopg.connect(database_conninfo()) as blocker:
-            blocker.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (invoice["id"],))
+            hold_claim(blocker, tenant, bodies[0]["messageId"])
             batch_worker.start()
-            wait_for(lambda: waiting_on_locks() >= 1, 20, what="the batch to block on the invoice lock")
+            wait_for(lambda: waiting_on_locks() >= 1, 20, what="the batch to block on the claim")
             # Cut the batch's connection from the server side, as a restart or a proxy would.
             cut = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                 "WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()").fetchall()
@@ -220,7 +234,7 @@ def test_the_poison_count_stays_per_message_when_a_batch_dies(running, batch_wor
     kills: list[int] = []
 
     def killer() -> None:
-        """Whenever a process waits on the doomed invoice's lock: kill it, and end its backend (which
+        """Whenever a process waits on the poison message's claim: kill it, and end its backend (which
         would otherwise go on waiting, and be taken for the next run's)."""
         with psycopg.connect(database_conninfo(), autocommit=True) as admin:
             while not stop.is_set():
@@ -235,7 +249,7 @@ def test_the_poison_count_stays_per_message_when_a_batch_dies(running, batch_wor
                 stop.wait(0.05)
 
     with psycopg.connect(database_conninfo()) as blocker:
-        blocker.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (doomed["id"],))
+        hold_claim(blocker, tenant, poison["messageId"])
         thread = threading.Thread(target=killer, daemon=True)
         thread.start()
         try:
@@ -257,9 +271,9 @@ def test_the_poison_count_stays_per_message_when_a_batch_dies(running, batch_wor
     assert len(kills) == 1 + (limit - 1)
     with db.sessions()() as s:
         counts = dict(s.execute(select(DeliveryCount.delivery_id, DeliveryCount.starts)).all())
-    assert counts[batch_worker.delivery_ids[poison["messageId"]]] == limit + 1  # the start that dead-lettered it
+    assert counts[batch_worker.key(poison)] == limit + 1  # the start that dead-lettered it
     # Its batch-mates started twice at most: in the batch, then alone (a redelivery, counted once).
-    assert all(counts.get(batch_worker.delivery_ids[m["messageId"]], 2) == 2 for m in mates)
+    assert all(counts.get(batch_worker.key(m), 2) == 2 for m in mates)
 
 
 def test_a_batch_that_creates_and_then_uses_an_invoice_and_meets_a_natural_key_twice(running, batch_worker):
@@ -304,9 +318,9 @@ def test_what_the_consumer_holds_is_bounded_in_bytes_not_only_by_the_prefetch_co
                                                                    notes="x" * 900_000)) for _ in range(40)]
     broker = redis.Redis.from_url(batch_worker.url)
     with psycopg.connect(database_conninfo()) as blocker:
-        blocker.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (held["id"],))
+        hold_claim(blocker, tenant, blocked["messageId"])
         batch_worker.start(APPLY_BATCH_SIZE="100", MAX_MESSAGE_BYTES=str(1024 * 1024))
-        wait_for(lambda: waiting_on_locks() >= 1, 20, what="the first batch to block on the invoice lock")
+        wait_for(lambda: waiting_on_locks() >= 1, 20, what="the first batch to block on the claim")
         time.sleep(1)  # time to take more, if nothing bounded it
         holding = broker.hlen("unacked")
         queued = broker.llen("invoices.payments")
@@ -319,3 +333,67 @@ def test_what_the_consumer_holds_is_bounded_in_bytes_not_only_by_the_prefetch_co
     for body in padded:  # notes beyond the schema's limit: each dead-lettered, none lost
         assert wait_for(lambda b=body: dead_letters_of(b["messageId"]), 60, what="the dead letter")[0]["reason"] in (
             "malformed", "too-large")
+
+
+def test_a_held_invoice_defers_its_own_messages_and_the_batch_applies_the_rest_now(running, batch_worker):
+    """Before: the batch locked all its invoices in one statement, so a row held elsewhere (a long
+    import, an operator's transaction) made every message of the batch wait LOCK_TIMEOUT_MS, eight
+    times, and then go back whole, each counted as a start. Now the batch skips the held invoice:
+    the other tenant's payments apply at once (while the row is still held), the held invoice's
+    own go round with a back-off and apply once it is free, and none of it counts as a start."""
+    tenant, other = new_tenant("t-held"), new_tenant("t-free")
+    held, free = issued_invoice(tenant), issued_invoice(other)
+    waiting = [batch_worker.send("invoices.record_payment", payment(tenant, held["invoiceNumber"], "2.00"))
+               for _ in range(3)]
+    now = [batch_worker.send("invoices.record_payment", payment(other, free["invoiceNumber"], "1.00"))
+           for _ in range(7)]
+    with psycopg.connect(database_conninfo()) as blocker:
+        blocker.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (held["id"],))
+        batch_worker.start(LOCK_TIMEOUT_MS="60000")  # a wait would outlast the test
+        for body in now:
+            assert wait_outcome(other, body["messageId"], timeout=60)["outcome"] == "applied"
+        assert all(outcome_of(tenant, body["messageId"]) is None for body in waiting)  # still held
+        blocker.rollback()
+    for body in waiting:
+        assert wait_outcome(tenant, body["messageId"], timeout=90)["outcome"] == "applied"
+    assert invoice_json(tenant, held["invoiceNumber"])["amountPaid"] == "6.00"
+    assert invoice_json(other, free["invoiceNumber"])["amountPaid"] == "7.00"
+    with db.sessions()() as s:
+        assert s.scalars(select(DeliveryCount.delivery_id)).all() == []  # nothing counted as a start
+    assert "its invoice is held elsewhere" in batch_worker.log
+
+
+def test_forged_copies_of_another_tenants_task_id_do_not_make_its_message_worker_lost(running, batch_worker):
+    """Before: starts were counted by the publisher-chosen task id alone, so copies carrying B's
+    task id and `redelivered` (on Redis any publisher can write both) counted against B's message,
+    which was dead-lettered `worker-lost` at its first real redelivery. Now a message's starts are
+    counted under its task id and body: the forgeries count against themselves."""
+    if not batch_worker.url.startswith("redis"):
+        pytest.skip("on RabbitMQ only the broker sets `redelivered`")
+    import json
+
+    import redis
+
+    from tests.hostile.test_transport_input import celery_message
+
+    victim_tenant = new_tenant("t-victim")
+    invoice = issued_invoice(victim_tenant)
+    body = payment(victim_tenant, invoice["invoiceNumber"], "3.00")
+    task_id = str(uuid.uuid4())
+
+    def redelivered(message_body: dict[str, Any]) -> bytes:
+        message = json.loads(celery_message("invoices.record_payment", message_body, "invoices.payments"))
+        message["headers"]["id"] = message["headers"]["root_id"] = task_id
+        message["properties"]["delivery_info"]["redelivered"] = True
+        return json.dumps(message).encode()
+
+    client = redis.Redis.from_url(batch_worker.url)
+    forged = [{"messageId": f"forged-{i}", "tenantId": new_tenant("t-forger"), "amount": "oops"}
+              for i in range(settings().max_deliveries)]
+    client.lpush("invoices.payments", *[redelivered(f) for f in forged])
+    batch_worker.start(APPLY_BATCH_SIZE="10")
+    for copy in forged:  # each started (a counted start, as a redelivery), then dead-lettered malformed
+        wait_for(lambda: dead_letters_of(copy["messageId"]), 60, what="the forged copy's dead letter")
+    client.lpush("invoices.payments", redelivered(body))  # the victim's own, redelivered once
+    assert wait_outcome(victim_tenant, body["messageId"], timeout=60)["outcome"] == "applied"
+    assert dead_letters_of(body["messageId"]) == []

@@ -272,6 +272,8 @@ class Item:
     message: Any = None
     outcome: Outcome | None = None
     copy_of: "Item | None" = None
+    # Its invoice is held by another transaction: it leaves the batch and comes back later.
+    deferred: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -291,12 +293,40 @@ def apply_batch(entries: list[Entry]) -> list[str]:
             items.append(item)
     if items:
         for item in _apply(items):
-            actions[item.index] = REQUEUE
+            actions[item.index] = ACK if _send_again(item) else REQUEUE
     seconds = (time.perf_counter() - started) / max(1, len(entries))
     for item in items:
         if actions[item.index] == ACK and item.outcome is not None:
             _report(item, seconds)
     return actions
+
+
+def _send_again(item: Item) -> bool:
+    """A message that leaves its batch goes round again as Celery retries a task (same task id and
+    body, `retries` one more, so it takes the ordinary path): not handed back to the broker, whose
+    redelivery would count as a start of a dying message (the poison count, CONTRACT.md section 4).
+    A message whose invoice another transaction holds comes back after a back-off (a row held for
+    minutes by a long import must not make its messages spin); the others at once. False when it
+    could not be sent: the broker then gets it back and counts that one start."""
+    from celery import current_app
+
+    from worker.brokers.topology import queue_for
+    from worker.delivery.task_base import backoff
+
+    headers = item.entry.headers
+    retries = int(headers.get("retries") or 0)
+    try:
+        current_app.send_task(item.entry.task, args=[item.body], task_id=item.entry.delivery_id,
+                              queue=queue_for(item.entry.task), retries=retries + 1,
+                              countdown=backoff(retries) if item.deferred else None,
+                              root_id=headers.get("root_id"), parent_id=headers.get("parent_id"))
+    except Exception as exc:  # noqa: BLE001 - the broker is away: it gets the message back instead
+        log.warning("could not send %s %s again (%s: %s); handing it back", item.entry.task, item.entry.delivery_id,
+                    type(exc).__name__, exc)
+        return False
+    log.info("%s %s leaves its batch%s", item.entry.task, item.entry.delivery_id,
+             " (its invoice is held elsewhere)" if item.deferred else "")
+    return True
 
 
 def _prepare(index: int, entry: Entry) -> Item | None:
@@ -374,7 +404,7 @@ def _transaction(session: Session, items: list[Item], savepoints: bool) -> list[
     claimed = _claim(connection, list(first.values()))
     earlier = _first_outcomes(connection, [item.key for item in first.values() if item.key not in claimed])
     fresh = [item for item in first.values() if item.key in claimed]
-    preloaded = _load_and_lock(session, fresh)
+    preloaded, held = _load_and_lock(session, fresh)
 
     outbox: list[dict[str, Any]] = []
     history: list[dict[str, Any]] = []
@@ -386,6 +416,10 @@ def _transaction(session: Session, items: list[Item], savepoints: bool) -> list[
             item.outcome = earlier.get(item.key)
             if item.outcome is None:  # its first copy's record is gone meanwhile: the ordinary path decides
                 handed_back.append(item)
+            continue
+        if held and _invoice_key(item) in held:  # waiting here would hold the whole batch: it goes round
+            item.deferred = True
+            handed_back.append(item)
             continue
         uow = UnitOfWork(session, tenant_id=item.message.tenant_id, message_id=item.message.message_id,
                          task=item.entry.task)
@@ -427,6 +461,7 @@ def _transaction(session: Session, items: list[Item], savepoints: bool) -> list[
     for item in items:
         if item.copy_of is not None:
             if item.copy_of in handed_back:
+                item.deferred = item.copy_of.deferred
                 handed_back.append(item)
             else:
                 item.outcome = _as_duplicate(item.copy_of.outcome, item.message.message_id)
@@ -483,33 +518,65 @@ def _first_outcomes(connection: Any, keys: list[tuple[str, str]]) -> dict[tuple[
 RECORDS_ONLY = frozenset({"invoices.record_payment"})
 
 
-def _load_and_lock(session: Session, items: list[Item]) -> Preloaded:
-    """Every invoice the batch's messages name, locked in id order. Their payments are loaded with
-    them only when a message of the batch reads payments; a batch of offline payments reads just
-    the ids of the payments the invoices have (for its duplicate check), without the ORM."""
+def _invoice_key(item: Item) -> tuple[str, Any, Any] | None:
+    """How the message names its invoice: (tenant, "id", id) or (tenant, "number", number)."""
+    address: InvoiceAddress | None = getattr(item.message, "address", None)
+    if address is None:
+        return None
+    if address.invoice_id is not None:
+        return item.message.tenant_id, "id", address.invoice_id
+    if address.invoice_number is not None:
+        return item.message.tenant_id, "number", address.invoice_number
+    return None
+
+
+def _load_and_lock(session: Session, items: list[Item]) -> tuple[Preloaded, set[tuple[str, Any, Any]]]:
+    """Every invoice the batch's messages name, locked in id order, skipping those another
+    transaction holds (a long import, an operator's transaction): waiting for one made every
+    message of the batch wait LOCK_TIMEOUT_MS, eight times, then go back whole. Returned beside
+    them: the keys of the invoices that exist but were held, whose messages leave the batch.
+    Their payments are loaded with them only when a message of the batch reads payments; a batch of
+    offline payments reads just the ids of the payments the invoices have (for its duplicate
+    check), without the ORM."""
     by_number, by_id = set(), set()
     for item in items:
-        address: InvoiceAddress | None = getattr(item.message, "address", None)
-        if address is None:
-            continue
-        if address.invoice_id is not None:
-            by_id.add((item.message.tenant_id, address.invoice_id))
-        elif address.invoice_number is not None:
-            by_number.add((item.message.tenant_id, address.invoice_number))
+        key = _invoice_key(item)
+        if key is not None:
+            (by_id if key[1] == "id" else by_number).add((key[0], key[2]))
     if not by_number and not by_id:
-        return Preloaded([])
+        return Preloaded([]), set()
+    query = select(Invoice).where(_addressed(by_number, by_id)).order_by(Invoice.id).with_for_update(
+        of=Invoice, skip_locked=True)
+    if any(item.entry.task not in RECORDS_ONLY for item in items):
+        invoices = list(session.scalars(query.options(selectinload(Invoice.payments))))
+        preloaded = Preloaded(invoices)
+    else:
+        invoices = list(session.scalars(query))
+        rows = session.connection().execute(select(PAYMENTS.c.invoice_id, PAYMENTS.c.payment_id).where(
+            PAYMENTS.c.invoice_id.in_([invoice.id for invoice in invoices]))) if invoices else []
+        preloaded = Preloaded(invoices, {(row.invoice_id, row.payment_id) for row in rows})
+    by_number -= {(i.tenant_id, i.invoice_number) for i in invoices}
+    by_id -= {(i.tenant_id, i.id) for i in invoices}
+    if not by_number and not by_id:
+        return preloaded, set()
+    # Not locked: held elsewhere, or not there at all (a message out of order). Read without a lock.
+    held: set[tuple[str, Any, Any]] = set()
+    for tenant, invoice_id, number in session.execute(
+            select(Invoice.tenant_id, Invoice.id, Invoice.invoice_number).where(_addressed(by_number, by_id))):
+        if (tenant, invoice_id) in by_id:
+            held.add((tenant, "id", invoice_id))
+        if (tenant, number) in by_number:
+            held.add((tenant, "number", number))
+    return preloaded, held
+
+
+def _addressed(by_number: set[tuple[str, str]], by_id: set[tuple[str, Any]]) -> Any:
     conditions = []
     if by_number:
         conditions.append(tuple_(Invoice.tenant_id, Invoice.invoice_number).in_(sorted(by_number)))
     if by_id:
         conditions.append(tuple_(Invoice.tenant_id, Invoice.id).in_(sorted(by_id, key=str)))
-    query = select(Invoice).where(or_(*conditions)).order_by(Invoice.id).with_for_update(of=Invoice)
-    if any(item.entry.task not in RECORDS_ONLY for item in items):
-        return Preloaded(list(session.scalars(query.options(selectinload(Invoice.payments)))))
-    invoices = list(session.scalars(query))
-    rows = session.connection().execute(select(PAYMENTS.c.invoice_id, PAYMENTS.c.payment_id).where(
-        PAYMENTS.c.invoice_id.in_([invoice.id for invoice in invoices]))) if invoices else []
-    return Preloaded(invoices, {(row.invoice_id, row.payment_id) for row in rows})
+    return or_(*conditions)
 
 
 def _record_row(item: Item) -> dict[str, Any]:

@@ -30,6 +30,7 @@ Operation = Callable[[UnitOfWork, Any], Outcome | None]
 # serialization_failure, deadlock_detected, lock_not_available
 CONFLICT_SQLSTATES = {"40001", "40P01", "55P03"}
 UNIQUE_VIOLATION = "23505"
+LOCK_NOT_AVAILABLE = "55P03"
 CONFLICT_ATTEMPTS = 8
 
 
@@ -83,7 +84,10 @@ def execute(task: str, message: Any, operation: Operation) -> Outcome:
                 return uow.commit(outcome)
         except (DBAPIError, psycopg.Error) as exc:
             state = _sqlstate(exc)
-            retryable = state in CONFLICT_SQLSTATES or state == UNIQUE_VIOLATION
+            # A lock wait that ran out (LOCK_TIMEOUT_MS) is not tried again here: the row is held
+            # for longer than a conflict lasts (an import, an operator), and eight more waits kept a
+            # pool process for 80 s. It goes round with Celery's back-off instead.
+            retryable = (state in CONFLICT_SQLSTATES and state != LOCK_NOT_AVAILABLE) or state == UNIQUE_VIOLATION
             if not retryable or attempt == CONFLICT_ATTEMPTS:
                 raise
             log.info("%s %s: conflict %s, attempt %d; retrying", task, message_id, state, attempt)

@@ -64,7 +64,8 @@ class InvoiceTask(Task):
         request = self.request
         if not (request.delivery_info or {}).get("redelivered") or not request.id:
             return False
-        starts = self.retrying(lambda: deliveries.count_start(str(request.id), self.name))
+        key = deliveries.delivery_key(str(request.id), body)
+        starts = self.retrying(lambda: deliveries.count_start(key, self.name))
         return starts > settings().max_deliveries and not self.retrying(lambda: deliveries.has_outcome(body))
 
     def keep(self, body: Any, reason: str, error: str) -> dict[str, Any]:
