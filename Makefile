@@ -22,7 +22,7 @@ test: $(STAMP)
 
 # The end-to-end and fault suites on a throwaway RabbitMQ node (installed with apt-get when missing).
 test-rabbitmq: $(STAMP)
-	$(BIN)/python -m worker.local.rabbitmq_node test tests/end_to_end tests/faults $(PYTEST_ARGS)
+	$(BIN)/python -m worker.local.rabbitmq_node test tests/end_to_end tests/faults tests/hostile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     # Redis only: how long an unacknowledged message stays invisible before the broker hands it
     # to another worker. Must exceed the longest task and the longest retry countdown.
     broker_visibility_timeout: int = Field(default=3600, ge=1)
+    # RabbitMQ only: the broker's consumer_timeout (RabbitMQ's default, 30 minutes). A message held
+    # unacknowledged longer, as one waiting for its eta is, makes RabbitMQ close the channel and hand
+    # back every message in flight on it; an eta further ahead than this less a minute is
+    # dead-lettered `eta-too-far` instead.
+    broker_consumer_timeout: int = Field(default=1800, ge=120)
     # The longest back-off between two retries of a passing fault, and how many retries.
     task_retry_backoff_max: int = Field(default=600, ge=1)
     task_max_retries: int = Field(default=8, ge=0)

@@ -160,3 +160,51 @@ def celery_message(task: str, body: dict[str, Any], queue: str) -> bytes:
                        "delivery_info": {"exchange": queue, "routing_key": queue}, "priority": 0,
                        "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
     }).encode()
+
+
+def test_messages_held_for_a_far_eta_do_not_stop_ready_work(scenario) -> None:
+    """Before: the consumer counted messages held for their eta against the bytes it may hold
+    (2 × MAX_MESSAGE_BYTES): three ~6 MB messages due in 50 minutes, from any tenant, stopped the
+    worker taking anything else for those 50 minutes. Now they wait in Redis (parked), not in the
+    worker, and come back to their queue when their eta comes."""
+    if not scenario.broker_url.startswith("redis"):
+        pytest.skip("Redis lists")
+    from datetime import datetime, timedelta, timezone
+
+    worker = scenario.processes.worker(extra_env={"BROKER_VISIBILITY_TIMEOUT": "3600"})  # an eta of 50 min is allowed
+    publisher, ledger, tenant = scenario.publisher(), Ledger(), f"t-{uuid.uuid4().hex[:6]}"
+    send(publisher, ledger, "invoices.order_shipped", order(tenant, "E-1", total="1000.00"))
+    wait_settled(scenario.database_url, ledger, {}, timeout=60)
+    client = redis.Redis.from_url(scenario.broker_url)
+    later = datetime.now(timezone.utc) + timedelta(minutes=50)
+    for _ in range(3):
+        big = {**payment(f"t-other-{uuid.uuid4().hex[:4]}", "E-9", "1.00"), "notes": "n" * 6_000_000}
+        publisher.send_task("invoices.record_payment", args=[big], queue="invoices.payments", eta=later)
+    wait_for(lambda: client.llen("invoices.payments") == 0, 60, what="the worker to take the far-eta messages")
+    for _ in range(5):
+        send(publisher, ledger, "invoices.record_payment", payment(tenant, "E-1", "1.00"))
+    wait_settled(scenario.database_url, ledger, {}, timeout=60)  # before: none of them within the 50 minutes
+    assert client.zcard("invoices.parked") == 3  # waiting in Redis, not in the worker
+    assert client.hlen("unacked") == 0 and worker.poll() is None
+
+
+def test_a_parked_message_comes_back_when_its_eta_comes(scenario) -> None:
+    if not scenario.broker_url.startswith("redis"):
+        pytest.skip("Redis lists")
+    from datetime import datetime, timedelta, timezone
+
+    from worker.brokers.redis_transport import PARKED_ITEMS_KEY, PARKED_KEY
+
+    scenario.processes.worker()
+    publisher, ledger, tenant = scenario.publisher(), Ledger(), f"t-{uuid.uuid4().hex[:6]}"
+    send(publisher, ledger, "invoices.order_shipped", order(tenant, "E-2", total="1000.00"))
+    wait_settled(scenario.database_url, ledger, {}, timeout=60)
+    client = redis.Redis.from_url(scenario.broker_url)
+    due = payment(tenant, "E-2", "4.00")
+    ledger.record("invoices.record_payment", due)
+    publisher.send_task("invoices.record_payment", args=[due], queue="invoices.payments",
+                        eta=datetime.now(timezone.utc) + timedelta(seconds=8))
+    wait_for(lambda: client.zcard(PARKED_KEY) == 1, 30, what="the message parked")
+    assert (tenant, due["messageId"]) not in outcomes(scenario.database_url)  # not before its eta
+    wait_settled(scenario.database_url, ledger, {}, timeout=60)
+    assert client.zcard(PARKED_KEY) == 0 and client.hlen(PARKED_ITEMS_KEY) == 0 and client.hlen("unacked") == 0

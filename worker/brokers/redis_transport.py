@@ -38,6 +38,7 @@ import json
 import logging
 import threading
 import uuid
+from datetime import datetime, timezone
 from time import monotonic, time
 
 from kombu.transport import redis
@@ -276,6 +277,45 @@ def restore_entry(channel: "Channel", entry: bytes, pipe, leftmost: bool = False
     channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
 
 
+# Messages whose eta is further ahead than this wait in Redis, not in the worker (Channel._park).
+PARK_AFTER_SECONDS = 1.0
+PARKED_KEY = "invoices.parked"
+PARKED_ITEMS_KEY = "invoices.parked.items"
+# KEYS: the `unacked` hash, its index, the parked index, the parked hash. ARGV: for each message its
+# tag, its eta (epoch seconds), its list's key and the item as taken. A message no longer registered
+# (handed back meanwhile) is not parked.
+PARK = """
+for i = 1, #ARGV, 4 do
+  local tag = ARGV[i]
+  if redis.call('HDEL', KEYS[1], tag) == 1 then
+    redis.call('ZREM', KEYS[2], tag)
+    redis.call('ZADD', KEYS[3], ARGV[i + 1], tag)
+    redis.call('HSET', KEYS[4], tag, ARGV[i + 2] .. '\\0' .. ARGV[i + 3])
+  end
+end
+return 1
+"""
+
+
+def eta_of(payload: dict) -> datetime | None:
+    """The message's eta (Celery's header), when it has a readable one."""
+    value = (payload.get("headers") or {}).get("eta")
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def parkable(payload: dict, horizon: float) -> bool:
+    """Due later than PARK_AFTER_SECONDS, and not beyond the horizon (the visibility timeout),
+    past which the consumer dead-letters it `eta-too-far` at once."""
+    eta = eta_of(payload)
+    return eta is not None and PARK_AFTER_SECONDS < (eta - datetime.now(timezone.utc)).total_seconds() <= horizon
+
+
 NOT_A_MESSAGE = "application/x-not-a-kombu-message"
 
 
@@ -298,7 +338,11 @@ def held_limit() -> int:
 # 100 payments is 30 KB; imports are what this bounds (measured, 60 imports of 1,000 invoices with
 # batching on: worker PSS 439 MB with room for eight, 357 MB with two; 254 MB with batching off).
 HELD_MESSAGES_OF_MAX_SIZE = 2
-# A read. KEYS: the `unacked` hash, its index, then the consumed lists in the order to try them.
+# A read. KEYS: the `unacked` hash, its index, the parked messages' index and their hash, then the
+# consumed lists in the order to try them. First, parked messages whose eta has come (at most 100)
+# go back to the head of their lists (the list's key is in the parked value: a key the script was
+# not given, which a Redis Cluster would refuse; the worker runs on one Redis).
+# Then the read.
 # ARGV: the byte budget, the index score, the tag prefix, then for each list the most messages to
 # take from it, its queue's name as JSON, and '1' to register what it takes ('0' for a no-ack
 # consumer's). From the first list that has any: up to that many messages, while their bytes stay
@@ -311,8 +355,19 @@ HELD_MESSAGES_OF_MAX_SIZE = 2
 # stands in the entry as it was taken, and restore_entry hands it back byte for byte.
 TAKE = """
 local budget, score, prefix = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-for i = 1, #KEYS - 2 do
-  local item = redis.call('RPOP', KEYS[i + 2])
+local now = redis.call('TIME')
+local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', tonumber(now[1]) + tonumber(now[2]) / 1000000, 'LIMIT', 0, 100)
+for _, tag in ipairs(due) do
+  local parked = redis.call('HGET', KEYS[4], tag)
+  redis.call('ZREM', KEYS[3], tag)
+  redis.call('HDEL', KEYS[4], tag)
+  if parked then
+    local cut = string.find(parked, '\\0', 1, true)
+    redis.call('RPUSH', string.sub(parked, 1, cut - 1), string.sub(parked, cut + 1))
+  end
+end
+for i = 1, #KEYS - 4 do
+  local item = redis.call('RPOP', KEYS[i + 4])
   if item then
     local most, queue, register = tonumber(ARGV[1 + 3 * i]), ARGV[2 + 3 * i], ARGV[3 + 3 * i] == '1'
     local taken, bytes = {i}, 0
@@ -330,7 +385,7 @@ for i = 1, #KEYS - 2 do
       taken[#taken + 1] = item
       bytes = bytes + #item
       if #taken > most or bytes >= budget then break end
-      item = redis.call('RPOP', KEYS[i + 2])
+      item = redis.call('RPOP', KEYS[i + 4])
     end
     return taken
   end
@@ -429,7 +484,8 @@ class Channel(redis.Channel):
             argv += [1 if queue in self._one_at_a_time else most, dumps(queue),
                      "0" if queue in self._no_ack_queues else "1"]
         p = self.global_keyprefix or ""
-        keys = [p + key for key in (self.qos.unacked_key, self.qos.unacked_index_key, *(key for key, _ in pairs))]
+        keys = [p + key for key in (self.qos.unacked_key, self.qos.unacked_index_key, PARKED_KEY, PARKED_ITEMS_KEY,
+                                    *(key for key, _ in pairs))]
         self._take = (score, [queue for _, queue in pairs], prefix)
         try:
             self._send("EVAL", TAKE, len(keys), *keys, *argv)
@@ -493,14 +549,45 @@ class Channel(redis.Channel):
             dest = queues[int(reply[0]) - 1]
             self._queue_cycle.rotate(dest)
             tags = [f"{prefix}{n}" for n in range(1, len(reply))]
-            if dest not in self._no_ack_queues:
-                self.qos.registered.update(tags)
-            for tag, item in zip(tags, reply[1:]):
-                self._deliver_one(self._payload(item, tag, dest), item, tag, dest)
+            registered = dest not in self._no_ack_queues
+            payloads = [self._payload(item, tag, dest) for tag, item in zip(tags, reply[1:])]
+            later = self._park([(tag, item, payload) for tag, item, payload in zip(tags, reply[1:], payloads)
+                                if registered and parkable(payload, self.qos.visibility_timeout)], dest)
+            if registered:
+                self.qos.registered.update(tag for tag in tags if tag not in later)
+            for tag, item, payload in zip(tags, reply[1:], payloads):
+                if tag not in later:
+                    self._deliver_one(payload, item, tag, dest)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _park(self, taken: list[tuple[str, bytes, dict]], queue: str) -> set[str]:
+        """Park the read's messages whose eta is more than PARK_AFTER_SECONDS ahead: out of
+        `unacked`, into the parked index by eta, in one script; TAKE puts each back on its list when
+        its eta comes. Held in the worker instead, they counted against the bytes it may hold and
+        stopped it taking ready work (three 6 MB messages due in 50 minutes stopped every tenant's
+        payments for 50 minutes). The tags parked; none when the broker could not be reached (they
+        stay registered, and are handed back when it answers)."""
+        if not taken:
+            return set()
+        p = self.global_keyprefix or ""
+        argv: list[object] = []
+        for tag, item, payload in taken:
+            argv += [tag, repr(eta_of(payload).timestamp()), p + self._q_for_pri(queue, 0), item]
+        try:
+            with self.conn_or_acquire() as client:
+                client.eval(PARK, 4, p + self.qos.unacked_key, p + self.qos.unacked_index_key, p + PARKED_KEY,
+                            p + PARKED_ITEMS_KEY, *argv)
+        except self.connection_errors + (OSError,) as exc:
+            log.warning("could not park %d message(s) until their eta (%s); handed back when the broker answers",
+                        len(taken), exc)
+            with _lock:
+                for tag, _item, _payload in taken:
+                    _orphans.setdefault(tag, (None, None, None))
+            return {tag for tag, _item, _payload in taken}
+        return {tag for tag, _item, _payload in taken}
 
     def _deliver_one(self, payload: dict, item: bytes, tag: str, queue: str) -> None:
         """Deliver one message of a read. What the consumer cannot take (it raised) is delivered

@@ -11,7 +11,7 @@ from typing import Any
 from celery.worker.consumer import Consumer
 
 from worker.brokers.redis_transport import NOT_A_MESSAGE
-from worker.brokers.topology import QUEUES, ROUTES
+from worker.brokers.topology import QUEUES, ROUTES, is_amqp
 from worker.config import settings
 from worker.delivery import batching, dead_letters
 from worker.operations import metrics
@@ -34,15 +34,26 @@ def _delivery(message: Any, body: Any) -> dead_letters.Delivery:
                                  {**headers, "contentType": message.content_type})
 
 
-def _timing_problem(headers: dict[str, Any]) -> tuple[str, str] | None:
-    """A publisher's `eta` far ahead would be held in memory for days (and, on Redis, handed out
-    again every visibility timeout); an `expires` already past would be dropped by Celery without
-    a trace. Both are dead-lettered instead. The worker's own housekeeping may expire quietly."""
+def eta_horizon(amqp: bool) -> timedelta:
+    """How far ahead an `eta` may be. Redis: the visibility timeout (such a message waits in Redis,
+    parked; beyond it a worker would hold it past the time Redis hands unacknowledged messages out
+    again). RabbitMQ: also below its consumer_timeout, less a minute: a message held for its eta
+    longer makes RabbitMQ close the channel and redeliver every message in flight on it."""
+    config = settings()
+    seconds = config.broker_visibility_timeout
+    if amqp:
+        seconds = min(seconds, config.broker_consumer_timeout - 60)
+    return timedelta(seconds=seconds)
+
+
+def _timing_problem(headers: dict[str, Any], horizon: timedelta) -> tuple[str, str] | None:
+    """A publisher's `eta` beyond the horizon is not held (eta_horizon); an `expires` already
+    past would be dropped by Celery without a trace. Both are dead-lettered instead. The worker's
+    own housekeeping may expire quietly."""
     if str(headers.get("task", "")) in MAINTENANCE_TASKS:
         return None
     now = datetime.now(timezone.utc)
     eta, expires = _when(headers.get("eta")), _when(headers.get("expires"))
-    horizon = timedelta(seconds=settings().broker_visibility_timeout)
     if eta is not None and eta > now + horizon:
         return "eta-too-far", f"eta {eta.isoformat()} is more than {horizon} ahead; the worker does not hold messages that long"
     if expires is not None and expires < now:
@@ -119,6 +130,7 @@ class InvoiceConsumer(Consumer):
         (MAX_MESSAGE_BYTES): a larger message is dead-lettered `too-large`, whole (as bytes)."""
         handle = super().create_task_handler(*args, **kwargs)
         limit = settings().max_message_bytes
+        horizon = eta_horizon(is_amqp(self.app.conf.broker_url))
 
         def on_task_received(message: Any) -> Any:
             size = len(message.body or b"")
@@ -126,7 +138,7 @@ class InvoiceConsumer(Consumer):
                 if _kept(message, message.body, "too-large", f"the body is {size} bytes; MAX_MESSAGE_BYTES allows {limit}"):
                     message.ack()
                 return None
-            problem = _header_problem(message.headers or {}) or _timing_problem(message.headers or {})
+            problem = _header_problem(message.headers or {}) or _timing_problem(message.headers or {}, horizon)
             if problem is not None:
                 if _kept(message, None if problem[0] != "not-a-message" else message.body, *problem):
                     message.ack()
