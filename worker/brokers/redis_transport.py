@@ -237,8 +237,8 @@ def readable(payload: object) -> bool:
     properties, headers, body = payload.get("properties"), payload.get("headers"), payload.get("body")
     if not isinstance(properties, dict) or not isinstance(properties.get("delivery_info", {}), dict):
         return False
-    if not isinstance(headers, (dict, type(None))) or not isinstance(body, (str, type(None))):
-        return False
+    if not isinstance(headers, (dict, type(None))) or not isinstance(body, str) or not body:
+        return False  # (no body: Celery unpacked nothing from it, failed in the pool, and acknowledged it)
     if not all(isinstance(payload.get(key), (str, type(None))) for key in ("content-type", "content-encoding")):
         return False
     encoding = properties.get("body_encoding")
@@ -250,7 +250,7 @@ def readable(payload: object) -> bool:
         return True
     codec = Channel.codecs.get(encoding)
     try:
-        return codec is not None and codec.decode(body or "") is not None
+        return codec is not None and len(codec.decode(body)) > 0
     except Exception:  # noqa: BLE001 - binascii.Error: a body that is no base64
         return False
 

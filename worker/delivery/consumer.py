@@ -134,6 +134,10 @@ class InvoiceConsumer(Consumer):
 
         def on_task_received(message: Any) -> Any:
             size = len(message.body or b"")
+            if size == 0:  # Celery unpacks nothing from it, fails in the pool and acknowledges it: gone
+                if _kept(message, message.body, "not-a-message", "the message has no body"):
+                    message.ack()
+                return None
             if size > limit:  # kept as the bytes received: decoding it is what the limit prevents
                 if _kept(message, message.body, "too-large", f"the body is {size} bytes; MAX_MESSAGE_BYTES allows {limit}"):
                     message.ack()
@@ -157,12 +161,12 @@ class InvoiceConsumer(Consumer):
         return on_task_received
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
+        # Not a decodable message (CONTRACT.md section 2): kept byte for byte, `not-a-message`.
         if message.content_type == NOT_A_MESSAGE:  # the Redis transport's wrapping of what is no message
-            kept = _kept(message, message.body, "not-a-message",
-                         "what arrived on the queue is not a message the worker can read (its envelope is broken)")
+            error = "what arrived on the queue is not a message the worker can read (its envelope is broken)"
         else:
-            kept = _kept(message, message.body, "undecodable", f"cannot decode a {message.content_type} message: {exc}")
-        if kept:
+            error = f"cannot decode a {message.content_type} message: {exc}"
+        if _kept(message, message.body, "not-a-message", error):
             super().on_decode_error(message, exc)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
