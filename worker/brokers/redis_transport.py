@@ -568,10 +568,11 @@ class Channel(redis.Channel):
         `unacked`, into the parked index by eta, in one script; TAKE puts each back on its list when
         its eta comes. Held in the worker instead, they counted against the bytes it may hold and
         stopped it taking ready work (three 6 MB messages due in 50 minutes stopped every tenant's
-        payments for 50 minutes). The tags parked; none when the broker could not be reached (they
-        stay registered, and are handed back when it answers)."""
+        payments for 50 minutes). Returns the tags not to deliver: all of them, parked, or, when the
+        broker could not be reached, left registered and handed back when it answers."""
         if not taken:
             return set()
+        tags = {tag for tag, _item, _payload in taken}
         p = self.global_keyprefix or ""
         argv: list[object] = []
         for tag, item, payload in taken:
@@ -584,10 +585,9 @@ class Channel(redis.Channel):
             log.warning("could not park %d message(s) until their eta (%s); handed back when the broker answers",
                         len(taken), exc)
             with _lock:
-                for tag, _item, _payload in taken:
+                for tag in tags:
                     _orphans.setdefault(tag, (None, None, None))
-            return {tag for tag, _item, _payload in taken}
-        return {tag for tag, _item, _payload in taken}
+        return tags
 
     def _deliver_one(self, payload: dict, item: bytes, tag: str, queue: str) -> None:
         """Deliver one message of a read. What the consumer cannot take (it raised) is delivered
