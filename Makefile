@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-rabbitmq bench bench-brokers migrate clean
+.PHONY: run test test-rabbitmq test-rabbitmq-quorum bench bench-brokers migrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: $(STAMP)
 # The end-to-end and fault suites on a throwaway RabbitMQ node (installed with apt-get when missing).
 test-rabbitmq: $(STAMP)
 	$(BIN)/python -m worker.local.rabbitmq_node test tests/end_to_end tests/faults tests/hostile $(PYTEST_ARGS)
+
+# Quorum queues (RABBITMQ_QUEUE_TYPE=quorum, a cluster's): the queues' type, retries with back-off,
+# the invoice wait and the payment-retry schedule, on a throwaway node of their own.
+test-rabbitmq-quorum: $(STAMP)
+	RABBITMQ_QUEUE_TYPE=quorum $(BIN)/python -m worker.local.rabbitmq_node test tests/end_to_end/test_queue_type.py \
+		tests/end_to_end/test_payments.py tests/end_to_end/test_payment_retries.py tests/faults/test_out_of_order.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

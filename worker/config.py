@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # back every message in flight on it; an eta further ahead than this less a minute is
     # dead-lettered `eta-too-far` instead.
     broker_consumer_timeout: int = Field(default=1800, ge=120)
+    # RabbitMQ only: the contract's queues as classic queues (what a bare Celery client declares) or
+    # as quorum queues behind topic exchanges (replicated: a cluster's). Quorum needs Celery >= 5.6.
+    rabbitmq_queue_type: Literal["classic", "quorum"] = "classic"
     # The longest back-off between two retries of a passing fault, and how many retries.
     task_retry_backoff_max: int = Field(default=600, ge=1)
     task_max_retries: int = Field(default=8, ge=0)
@@ -125,6 +128,18 @@ class Settings(BaseSettings):
         scheme, sep, rest = value.partition("://")
         if not sep or scheme not in {"redis", "rediss", "amqp", "amqps", "pyamqp"}:
             raise ValueError("must be a redis://, rediss:// or amqp:// URL")
+        return value
+
+    @field_validator("rabbitmq_queue_type")
+    @classmethod
+    def _check_queue_type(cls, value: str) -> str:
+        if value == "quorum":
+            import celery
+
+            if tuple(int(part) for part in celery.__version__.split(".")[:2]) < (5, 6):
+                raise ValueError(f"quorum queues need Celery 5.6 or newer (native delayed delivery of retries "
+                                 f"through topic exchanges, and its fix for retries stuck on the dead-letter "
+                                 f"cycle check); Celery {celery.__version__} is installed")
         return value
 
     @field_validator("payment_retry_days", mode="before")

@@ -68,12 +68,26 @@ def task_queues(names: list[str] | tuple[str, ...], broker_url: str | None, max_
     """The worker's queues for this broker. Python publishers that declare queues (Celery does,
     at every send_task) must declare these same ones on RabbitMQ: it refuses a queue declared
     with other arguments (PRECONDITION_FAILED)."""
-    # The contract's queues are what any Celery client declares for `send_task(queue=name)`: a
-    # durable classic queue behind a direct exchange of the same name, on both brokers. Quorum
-    # queues (or topic exchanges) here made RabbitMQ 3.10 refuse such a client with
-    # PRECONDITION_FAILED (CONTRACT.md section 2); the worker counts poison messages itself.
+    # The contract's queues are by default what any Celery client declares for
+    # `send_task(queue=name)`: a durable classic queue behind a direct exchange of the same name, on
+    # both brokers. Quorum queues (or topic exchanges) made RabbitMQ refuse such a client with
+    # PRECONDITION_FAILED, so they are the opt-in of a cluster (RABBITMQ_QUEUE_TYPE=quorum,
+    # CONTRACT.md section 2), whose publishers declare the same: only `x-queue-type`, behind topic
+    # exchanges (Celery's native delayed delivery of countdowns routes through topic bindings).
+    # The worker counts poison messages itself; no delivery limit is declared, which a publisher
+    # would have to repeat (a limit belongs in a RabbitMQ policy).
+    if is_amqp(broker_url) and queue_type() == "quorum":
+        return [Queue(name, Exchange(name, type="topic", durable=True), routing_key=name, durable=True,
+                      queue_arguments={"x-queue-type": "quorum"}) for name in names]
     return [Queue(name, Exchange(name, type="direct", durable=True), routing_key=name, durable=True)
             for name in names]
+
+
+def queue_type() -> str:
+    """RABBITMQ_QUEUE_TYPE: classic (the default, what a bare Celery client declares) or quorum."""
+    from worker.config import settings
+
+    return settings().rabbitmq_queue_type
 
 
 def dead_queue(max_deliveries: int) -> Queue:
