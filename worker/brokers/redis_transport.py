@@ -299,7 +299,11 @@ return 1
 
 def eta_of(payload: dict) -> datetime | None:
     """The message's eta (Celery's header), when it has a readable one."""
-    value = (payload.get("headers") or {}).get("eta")
+    return header_time((payload.get("headers") or {}).get("eta"))
+
+
+def header_time(value: object) -> datetime | None:
+    """A time header of Celery's (`eta`, `expires`): ISO 8601, read as UTC when it has no offset."""
     if not isinstance(value, str):
         return None
     try:

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.worker.consumer import Consumer
 
-from worker.brokers.redis_transport import NOT_A_MESSAGE
+from worker.brokers.redis_transport import NOT_A_MESSAGE, header_time
 from worker.brokers.topology import QUEUES, ROUTES, is_amqp
 from worker.config import settings
 from worker.delivery import batching, dead_letters
@@ -53,7 +53,7 @@ def _timing_problem(headers: dict[str, Any], horizon: timedelta) -> tuple[str, s
     if str(headers.get("task", "")) in MAINTENANCE_TASKS:
         return None
     now = datetime.now(timezone.utc)
-    eta, expires = _when(headers.get("eta")), _when(headers.get("expires"))
+    eta, expires = header_time(headers.get("eta")), header_time(headers.get("expires"))
     if eta is not None and eta > now + horizon:
         return "eta-too-far", f"eta {eta.isoformat()} is more than {horizon} ahead; the worker does not hold messages that long"
     if expires is not None and expires < now:
@@ -86,14 +86,6 @@ def _header_problem(headers: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def _when(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _kept(message: Any, body: Any, reason: str, error: str) -> bool:
