@@ -3,34 +3,14 @@ unknown task name, not a task at all) are dead-lettered whole before Celery drop
 
 from __future__ import annotations
 
-import logging
-import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from celery.worker.consumer import Consumer
 
-from worker.brokers.topology import QUEUES, ROUTES
+from worker.brokers.topology import QUEUES
 from worker.config import settings
 from worker.delivery import batching, dead_letters
-from worker.operations import metrics
-
-log = logging.getLogger(__name__)
-
-
-def _delivery(message: Any, body: Any) -> dead_letters.Delivery:
-    headers = dict(message.headers or {})
-    if body is None:  # protocol 2 leaves decoding to the pool; decode here to keep the body whole
-        try:
-            body = message.decode()
-        except Exception:
-            body = message.body
-    if isinstance(body, (list, tuple)) and body and isinstance(body[0], (list, tuple)):
-        args = list(body[0])
-        body = args[0] if len(args) == 1 else {"args": args}
-    delivery_id = str(headers.get("id") or message.delivery_tag or id(message))
-    return dead_letters.Delivery(delivery_id, str(headers.get("task") or "?"), body,
-                                 {**headers, "contentType": message.content_type})
 
 
 def _timing_problem(headers: dict[str, Any]) -> tuple[str, str] | None:
@@ -59,25 +39,6 @@ def _when(value: Any) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def _kept(message: Any, body: Any, reason: str, error: str) -> bool:
-    """Dead-letter the message; when the store cannot be reached, hand the message back to the
-    broker (after a pause, so that a database outage is not a busy loop) and say so: a message
-    is never acknowledged before it is stored."""
-    try:
-        dead_letters.store(_delivery(message, body), reason=reason, error=error)
-        task = str((message.headers or {}).get("task"))
-        metrics.count_message(task if task in ROUTES else "unknown", "dead_lettered")  # any name: not a label
-        return True
-    except Exception as exc:
-        log.error("could not dead-letter a %s message (%s); handing it back to the broker", reason, exc)
-        time.sleep(1)
-        try:
-            message.reject(requeue=True)
-        except Exception:  # the broker is away too: it hands the message back itself
-            log.warning("could not hand the message back; the broker will", exc_info=True)
-        return False
-
-
 MAINTENANCE_TASKS = frozenset(QUEUES["invoices.maintenance"])
 
 
@@ -95,12 +56,12 @@ class InvoiceConsumer(Consumer):
         def on_task_received(message: Any) -> Any:
             size = len(message.body or b"")
             if size > limit:  # kept as the bytes received: decoding it is what the limit prevents
-                if _kept(message, message.body, "too-large", f"the body is {size} bytes; MAX_MESSAGE_BYTES allows {limit}"):
+                if dead_letters.keep(message, message.body, "too-large", f"the body is {size} bytes; MAX_MESSAGE_BYTES allows {limit}"):
                     message.ack()
                 return None
             problem = _timing_problem(message.headers or {})
             if problem is not None:
-                if _kept(message, None, *problem):
+                if dead_letters.keep(message, None, *problem):
                     message.ack()
                 return None
             return handle(message)
@@ -108,18 +69,18 @@ class InvoiceConsumer(Consumer):
         return on_task_received
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
-        if _kept(message, message.body, "undecodable", f"cannot decode a {message.content_type} message: {exc}"):
+        if dead_letters.keep(message, message.body, "undecodable", f"cannot decode a {message.content_type} message: {exc}"):
             super().on_decode_error(message, exc)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         name = (message.headers or {}).get("task", "?")
-        if _kept(message, body, "unknown-task", f"no task is named {str(name)[:200]!r}"):
+        if dead_letters.keep(message, body, "unknown-task", f"no task is named {str(name)[:200]!r}"):
             super().on_unknown_task(body, message, exc)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
-        if _kept(message, body, "not-a-task", "the message is not a Celery task message"):
+        if dead_letters.keep(message, body, "not-a-task", "the message is not a Celery task message"):
             super().on_unknown_message(body, message)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        if _kept(message, body, "invalid-task", f"invalid task message: {exc}"):
+        if dead_letters.keep(message, body, "invalid-task", f"invalid task message: {exc}"):
             super().on_invalid_task(body, message, exc)
