@@ -133,10 +133,13 @@ def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
     procs = [worker(concurrency, worker_env) for _ in range(nodes)]
     rel = relay()
     try:
+        cpu_before = sum(p.cpu_seconds() for p in procs)
         with PeakMemory(*procs) as memory:
             started = publish_payments_until_applied(env, bodies)
             done = wait(lambda: env.sql("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0] == 0, 120)
-        return {"rate": len(bodies) / (done - started), "seconds": done - started, "pss_mb": memory.mb, "rss_mb": memory.rss_mb}
+        cpu = sum(p.cpu_seconds() for p in procs) - cpu_before
+        return {"rate": len(bodies) / (done - started), "seconds": done - started, "pss_mb": memory.mb,
+                "rss_mb": memory.rss_mb, "worker_cpu_us": cpu / len(bodies) * 1e6}
     finally:
         rel.stop()
         for each in procs:
@@ -258,3 +261,48 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
         finally:
             rel.stop()
             proc.stop()
+
+
+class SucceededEvents:
+    """A Celery event receiver (what Flower runs) counting task-succeeded events while it is open."""
+
+    def __init__(self) -> None:
+        from worker.celery_app import app
+
+        self.app, self.count, self.receiver = app, 0, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with self.app.connection_for_read() as connection:
+            self.receiver = self.app.events.Receiver(connection, handlers={"task-succeeded": self._succeeded})
+            self.receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def _succeeded(self, event: dict[str, Any]) -> None:
+        self.count += 1
+
+    def __enter__(self) -> "SucceededEvents":
+        self.thread.start()
+        wait(lambda: self.receiver is not None, 30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.receiver.should_stop = True
+        self.thread.join(10)
+
+
+def task_events_side_by_side(env: Environment, make_bodies: Any, concurrency: int, rounds: int = 2) -> dict[str, Any]:
+    """End to end (batching on) with task events off and on, alternating, `rounds` times each; with
+    them on, a Celery event receiver listens, as Flower would, and counts the task-succeeded events."""
+    off: list[dict[str, float]] = []
+    on: list[dict[str, float]] = []
+    per_message = []
+    for _ in range(rounds):
+        off.append(end_to_end(env, make_bodies(), concurrency, {"WORKER_SEND_TASK_EVENTS": "false"}))
+        bodies = make_bodies()
+        with SucceededEvents() as events:
+            on.append(end_to_end(env, bodies, concurrency, {"WORKER_SEND_TASK_EVENTS": "true"}))
+            wait(lambda: events.count >= len(bodies), 30)
+        per_message.append(events.count / len(bodies))
+    return {"off": [r["rate"] for r in off], "on": [r["rate"] for r in on],
+            "cpu_off_us": statistics.mean(r["worker_cpu_us"] for r in off),
+            "cpu_on_us": statistics.mean(r["worker_cpu_us"] for r in on), "succeeded_per_message": min(per_message)}

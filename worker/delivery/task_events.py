@@ -33,6 +33,8 @@ from kombu.serialization import loads
 
 log = logging.getLogger(__name__)
 
+RESULT_REPR_MAX = 1024  # Celery's Task.resultrepr_maxsize
+
 
 class BatchedRequest:
     """What Celery's worker state and control commands read of a task request, for a batched message."""
@@ -160,8 +162,16 @@ def _pool_process(sender: Any = None, **_: Any) -> None:
 
 def succeeded(task_id: str, result: Any, runtime: float) -> None:
     """Note a batched message's `task-succeeded`, sent with its batch's others by `flush`."""
-    _batch_events.append({"uuid": task_id, "result": saferepr(result, 1024), "runtime": runtime,
+    _batch_events.append({"uuid": task_id, "result": _result_repr(result), "runtime": runtime,
                           "timestamp": time.time()})
+
+
+def _result_repr(result: dict[str, Any]) -> str:
+    """Celery's `saferepr(result, 1024)`. An outcome is a small dict of strings, whose repr is the
+    same text: made by `repr` it costs 4 µs instead of 80 (measured on an outcome of record_payment);
+    saferepr cuts what is longer."""
+    text = repr(result)
+    return text if len(text) <= RESULT_REPR_MAX else saferepr(result, RESULT_REPR_MAX)
 
 
 def flush() -> None:
