@@ -219,6 +219,7 @@ class Batcher:
 
     def _refuse(self, message: Any, name: str, task_id: str, request: task_events.BatchedRequest | None) -> None:
         """A revoked message: dead-lettered `revoked` and acknowledged, never applied."""
+        log.info("Discarding revoked task: %s[%s]", name, task_id)  # Celery's line for its own requests
         if revocation.keep(message, name, task_id):
             try:
                 message.ack()

@@ -34,7 +34,7 @@ def is_revoked(task_id: str) -> bool:
 def keep(message: Any, name: str, task_id: str, why: str = "before it ran") -> bool:
     """Dead-letter a revoked message (the caller then acknowledges it). False when the store could
     not be reached: the message was handed back, and is refused again when it returns."""
-    log.info("Discarding revoked task: %s[%s]; dead-lettered %s", name, task_id, REASON)
+    log.info("%s[%s] dead-lettered %s", name, task_id, REASON)
     return dead_letters.keep(message, None, REASON, f"revoked by task id (celery control revoke) {why}")
 
 
