@@ -23,7 +23,7 @@ letters). A passing fault of the whole batch (the database away) hands every mes
 same way, and so does a pool process that dies mid-batch: each message is then applied once, by
 the inbox.
 
-One file of ~500 lines on purpose: the gathering (main process) and the applying (pool process)
+One file of ~600 lines on purpose: the gathering (main process) and the applying (pool process)
 share the batch's item type and its hand-back rules, and each step above is read beside the next.
 """
 

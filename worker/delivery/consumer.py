@@ -3,6 +3,7 @@ unknown task name, not a task at all) are dead-lettered whole before Celery drop
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -11,6 +12,8 @@ from celery.worker.consumer import Consumer
 from worker.brokers.topology import QUEUES
 from worker.config import settings
 from worker.delivery import batching, dead_letters
+
+log = logging.getLogger(__name__)
 
 
 def _timing_problem(headers: dict[str, Any]) -> tuple[str, str] | None:
@@ -39,6 +42,11 @@ def _when(value: Any) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+# Dead-lettering a message the consumer will not run lives in dead_letters (a revoked batched message
+# is kept the same way); the consumer's names for it stay.
+_kept = dead_letters.keep
+
+
 MAINTENANCE_TASKS = frozenset(QUEUES["invoices.maintenance"])
 
 
@@ -56,12 +64,12 @@ class InvoiceConsumer(Consumer):
         def on_task_received(message: Any) -> Any:
             size = len(message.body or b"")
             if size > limit:  # kept as the bytes received: decoding it is what the limit prevents
-                if dead_letters.keep(message, message.body, "too-large", f"the body is {size} bytes; MAX_MESSAGE_BYTES allows {limit}"):
+                if _kept(message, message.body, "too-large", f"the body is {size} bytes; MAX_MESSAGE_BYTES allows {limit}"):
                     message.ack()
                 return None
             problem = _timing_problem(message.headers or {})
             if problem is not None:
-                if dead_letters.keep(message, None, *problem):
+                if _kept(message, None, *problem):
                     message.ack()
                 return None
             return handle(message)
@@ -69,18 +77,18 @@ class InvoiceConsumer(Consumer):
         return on_task_received
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
-        if dead_letters.keep(message, message.body, "undecodable", f"cannot decode a {message.content_type} message: {exc}"):
+        if _kept(message, message.body, "undecodable", f"cannot decode a {message.content_type} message: {exc}"):
             super().on_decode_error(message, exc)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         name = (message.headers or {}).get("task", "?")
-        if dead_letters.keep(message, body, "unknown-task", f"no task is named {str(name)[:200]!r}"):
+        if _kept(message, body, "unknown-task", f"no task is named {str(name)[:200]!r}"):
             super().on_unknown_task(body, message, exc)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
-        if dead_letters.keep(message, body, "not-a-task", "the message is not a Celery task message"):
+        if _kept(message, body, "not-a-task", "the message is not a Celery task message"):
             super().on_unknown_message(body, message)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        if dead_letters.keep(message, body, "invalid-task", f"invalid task message: {exc}"):
+        if _kept(message, body, "invalid-task", f"invalid task message: {exc}"):
             super().on_invalid_task(body, message, exc)
