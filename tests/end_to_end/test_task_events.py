@@ -15,8 +15,18 @@ from typing import Any, Iterator
 import psycopg
 import pytest
 
-from tests.conftest import ROOT, dead_letters_of, invoice_json, new_tenant, outcome_of, wait_for, wait_outcome
-from tests.end_to_end.operator_endpoint import free_port, metric_values, scraped
+from tests.conftest import (
+    ROOT,
+    Processes,
+    dead_letters_of,
+    invoice_json,
+    new_tenant,
+    outcome_of,
+    publisher_app,
+    wait_for,
+    wait_outcome,
+)
+from tests.end_to_end.operator_endpoint import OwnBroker, free_port, metric_values, scraped
 from tests.end_to_end.test_batching import BatchWorker, batch_worker, transactions_of  # noqa: F401 (a fixture)
 from tests.end_to_end.test_delivery import database_conninfo, issued_invoice, payment, waiting_on_locks
 
@@ -136,6 +146,43 @@ def test_inspect_lists_a_batch_in_flight_as_active_and_what_gathers_behind_it_as
              (inspect.reserved() or {}).get(batch_worker.name), 30, interval=0.5, what="nothing in flight")
     assert invoice_json(tenant, number)["amountPaid"] == "19.00"
     assert "WARNING" not in batch_worker.log
+
+
+def test_task_events_keep_coming_when_the_broker_restarts_under_a_worker(running, processes: Processes, tmp_path):
+    """The pool process's dispatcher holds a connection of its own; a broker restart leaves it stale,
+    and the next batch's events go out on a new one."""
+    tenant = new_tenant("t-evrestart")
+    number = issued_invoice(tenant)["invoiceNumber"]
+    broker = OwnBroker(tmp_path / "valkey")
+    publisher = publisher_app(broker.url)
+    name = f"events-{uuid.uuid4().hex[:6]}@localhost"
+    try:
+        worker = processes.worker(concurrency=1, name=name, extra_env={
+            "BROKER_URL": broker.url, "WORKER_SEND_TASK_EVENTS": "true"})
+
+        def paid(amount: str) -> dict[str, str]:
+            bodies = [payment(tenant, number, amount) for _ in range(3)]
+            ids = {b["messageId"]: publisher.send_task("invoices.record_payment", args=[b], queue="invoices.payments").id
+                   for b in bodies}
+            for body in bodies:
+                assert wait_outcome(tenant, body["messageId"], timeout=60)["outcome"] == "applied"
+            return ids
+
+        paid("1.00")  # the pool process's dispatcher is made, and its connection opened
+        broker.stop()
+        broker.start()
+        watcher = EventWatcher(publisher)
+        try:
+            ids = paid("2.00")
+            wait_for(lambda: all("task-succeeded" in watcher.of(i) for i in ids.values()), 30,
+                     what="task-succeeded of the batch after the restart")
+        finally:
+            watcher.close()
+        assert invoice_json(tenant, number)["amountPaid"] == "9.00"
+        assert "could not send the task events" not in worker.log.read_text()  # type: ignore[attr-defined]
+    finally:
+        publisher.close()
+        broker.stop()
 
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess:

@@ -192,7 +192,9 @@ def flush() -> None:
             return
         except Exception as exc:
             _close()
-            if attempt == 2:
+            if attempt == 1:
+                log.info("task events: the broker connection was lost (%s: %s); a new one", type(exc).__name__, exc)
+            else:
                 log.warning("could not send the task events of %d batched messages (%s: %s)",
                             len(events), type(exc).__name__, exc)
 
