@@ -185,6 +185,40 @@ def test_task_events_keep_coming_when_the_broker_restarts_under_a_worker(running
         broker.stop()
 
 
+def test_a_batch_in_flight_when_the_broker_connection_is_lost_runs_to_its_end_uncancelled(running, processes,
+                                                                                         tmp_path):
+    """Celery cancels its active requests when the broker connection is lost; a batch's messages,
+    listed as active, are not cancelled one by one (nor warned about): the batch commits, and each
+    message is applied once."""
+    tenant = new_tenant("t-evcut")
+    number = issued_invoice(tenant)["invoiceNumber"]
+    broker = OwnBroker(tmp_path / "valkey")
+    publisher = publisher_app(broker.url)
+    try:
+        bodies = [payment(tenant, number, "1.50") for _ in range(4)]
+        for body in bodies:
+            publisher.send_task("invoices.record_payment", args=[body], queue="invoices.payments")
+        with psycopg.connect(database_conninfo()) as holder:
+            holder.execute("INSERT INTO inbox (tenant_id, message_id, task, outcome) VALUES (%s, %s, %s, 'applied')",
+                           (tenant, bodies[0]["messageId"], "invoices.record_payment"))
+            worker = processes.worker(concurrency=1, extra_env={
+                "BROKER_URL": broker.url, "APPLY_BATCH_SIZE": "4", "APPLY_BATCH_WAIT_MS": "1000"})
+            wait_for(lambda: waiting_on_locks() >= 1, 30, what="the batch to wait on the held inbox row")
+            broker.stop()
+            wait_for(lambda: "Connection to broker lost" in worker.log.read_text(), 30,  # type: ignore[attr-defined]
+                     what="the worker to see the connection lost")
+            broker.start()
+            holder.rollback()
+        for body in bodies:
+            assert wait_outcome(tenant, body["messageId"], timeout=60)["outcome"] == "applied"
+        assert invoice_json(tenant, number)["amountPaid"] == "6.00"
+        log = worker.log.read_text()  # type: ignore[attr-defined]
+        assert "Terminating it instead" not in log and "Failed to cancel" not in log, log[-3000:]
+    finally:
+        publisher.close()
+        broker.stop()
+
+
 def cli(url: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env={**os.environ, "BROKER_URL": url},
                           capture_output=True, text=True, timeout=60)

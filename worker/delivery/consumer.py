@@ -11,7 +11,7 @@ from celery.worker.consumer import Consumer
 
 from worker.brokers.topology import QUEUES
 from worker.config import settings
-from worker.delivery import batching, dead_letters
+from worker.delivery import batching, dead_letters, task_events
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,14 @@ class InvoiceConsumer(Consumer):
     def update_strategies(self) -> None:
         super().update_strategies()
         batching.install(self)
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        task_events.leave_active()  # a batch in flight is not cancelled message by message
+        super().on_connection_error_after_connected(exc)
+
+    def cancel_active_requests(self) -> None:
+        task_events.leave_active()
+        super().cancel_active_requests()
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's handler, behind a byte cap checked before anything decodes the body

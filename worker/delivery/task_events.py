@@ -79,6 +79,17 @@ class BatchedRequest:
         log.info("%s[%s] runs in a batch and is not terminated alone", self.name, self.id)
 
 
+def leave_active() -> None:
+    """Take the batched messages out of Celery's active requests. Celery's consumer cancels its
+    active requests when the broker connection is lost (with a WARNING that it terminates each) and
+    at a cold shutdown; a batch is one pool job that runs to its end, and what it cannot acknowledge
+    on the lost connection comes back and is applied once, by the inbox. They stay in `requests`
+    until their batch ends."""
+    for request in tuple(worker_state.active_requests):
+        if isinstance(request, BatchedRequest):
+            worker_state.active_requests.discard(request)
+
+
 class TaskEvents:
     """The main process's half, one per Batcher: worker state, and the events of the consumer's dispatcher."""
 
