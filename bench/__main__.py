@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 import psutil
 
-from bench import bulk_import, metrics_cost, payments, pruning, relay_cpu, under_load
+from bench import bulk_import, metrics_cost, payments, pruning, relay_cpu, task_events_cost, under_load
 from bench.harness import ROOT, Environment
 from worker.config import settings
 
@@ -108,6 +108,16 @@ def main() -> int:
                      f"{', '.join(f'{r:.0f}' for r in cost['on'])}; counting one message: {cost['pool_us']:.1f} µs "
                      f"in its pool process (multiprocess files, what the worker does), {cost['main_us']:.1f} µs "
                      f"if the main process counted (parsing the result's repr)"))
+        events = task_events_cost.side_by_side(env, lambda: payments.payment_bodies(numbers, n_cost), concurrency)
+        e_off, e_on = (sum(events[k]) / len(events[k]) for k in ("off", "on"))
+        rows.append((f"end to end, batching on, task events off / on (a Celery event receiver listening, as Flower): "
+                     f"{n_cost:,} record_payment, {len(events['off'])} rounds each", f"{e_off:.0f} / {e_on:.0f} msg/s",
+                     f"events on cost {1 - e_on / e_off:.0%}; rounds off {', '.join(f'{r:.0f}' for r in events['off'])}, "
+                     f"on {', '.join(f'{r:.0f}' for r in events['on'])}; task-succeeded events received per message: "
+                     f"{events['succeeded_per_message']:.2f}; the worker's CPU per message off / on "
+                     f"{events['cpu_off_us']:.0f} / {events['cpu_on_us']:.0f} µs; in-process, a message's three events cost "
+                     f"{events['events_us']:.0f} µs of CPU (its place in Celery's worker state, in both, "
+                     f"{events['state_us']:.1f} µs)"))
         for rate, worker_env, label in ((200, off, "batching off"), (200, on, "batching on"), (400, on, "batching on")):
             lat = payments.latency(env, numbers, rate, lat_seconds, concurrency, worker_env)
             rows.append((f"latency at {rate} msg/s for {lat_seconds} s, {label}", f"p50 {lat['p50']:.1f} ms",

@@ -164,6 +164,15 @@ class Process:
             return 0, 0
         return sum(i.pss for i in infos), sum(i.rss for i in infos)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) used so far by the process and its pool children."""
+        try:
+            me = psutil.Process(self.proc.pid)
+            times = [p.cpu_times() for p in [me, *me.children(recursive=True)]]
+        except psutil.Error:
+            return 0.0
+        return sum(t.user + t.system for t in times)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)

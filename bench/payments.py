@@ -133,10 +133,13 @@ def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
     procs = [worker(concurrency, worker_env) for _ in range(nodes)]
     rel = relay()
     try:
+        cpu_before = sum(p.cpu_seconds() for p in procs)
         with PeakMemory(*procs) as memory:
             started = publish_payments_until_applied(env, bodies)
             done = wait(lambda: env.sql("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0] == 0, 120)
-        return {"rate": len(bodies) / (done - started), "seconds": done - started, "pss_mb": memory.mb, "rss_mb": memory.rss_mb}
+        cpu = sum(p.cpu_seconds() for p in procs) - cpu_before
+        return {"rate": len(bodies) / (done - started), "seconds": done - started, "pss_mb": memory.mb,
+                "rss_mb": memory.rss_mb, "worker_cpu_us": cpu / len(bodies) * 1e6}
     finally:
         rel.stop()
         for each in procs:
@@ -258,3 +261,4 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
         finally:
             rel.stop()
             proc.stop()
+

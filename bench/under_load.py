@@ -39,7 +39,7 @@ STOPS = [
 def _inline(stops: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """A stop named by a statement of worker/delivery/batching.py's _transaction becomes the frame of its
     line there (one line, the call's first); a statement no longer found there is left out."""
-    source = (ROOT / "worker" / "batching.py").read_text().splitlines()
+    source = (ROOT / "worker" / "delivery" / "batching.py").read_text().splitlines()
     resolved = []
     for label, frame in stops:
         if frame.startswith("connection.execute("):

@@ -37,7 +37,8 @@ def make_app() -> Celery:
         accept_content=["json"],
         event_serializer="json",
         task_ignore_result=True,
-        result_backend=None,
+        # No results; a revoke asks a task's state and is told PENDING (worker/delivery/revocation.py).
+        result_backend="worker.delivery.revocation:NoResults",
         # At least once: acknowledge after the task ran, and hand the message back when the process running it dies.
         task_acks_late=True,
         task_reject_on_worker_lost=True,

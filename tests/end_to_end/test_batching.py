@@ -68,7 +68,8 @@ class BatchWorker:
 
     def start(self, **env: str) -> None:
         """The batch is as large as what was sent (and waits long enough to gather all of it)."""
-        self.proc = self.processes.worker(concurrency=1, name=f"batch-{uuid.uuid4().hex[:6]}@localhost", extra_env={
+        self.name = f"batch-{uuid.uuid4().hex[:6]}@localhost"
+        self.proc = self.processes.worker(concurrency=1, name=self.name, extra_env={
             "BROKER_URL": self.url, "APPLY_BATCH_SIZE": str(len(self.sent)), "APPLY_BATCH_WAIT_MS": "1000", **env})
 
     @property

@@ -23,7 +23,7 @@ letters). A passing fault of the whole batch (the database away) hands every mes
 same way, and so does a pool process that dies mid-batch: each message is then applied once, by
 the inbox.
 
-One file of ~500 lines on purpose: the gathering (main process) and the applying (pool process)
+One file of ~600 lines on purpose: the gathering (main process) and the applying (pool process)
 share the batch's item type and its hand-back rules, and each step above is read beside the next.
 """
 
@@ -49,7 +49,7 @@ from models.errors import DomainError
 from models.invoice import Invoice
 from models.payment import Payment
 from worker.config import settings
-from worker.delivery import dead_letters
+from worker.delivery import dead_letters, revocation, task_events
 from worker.delivery.handling import (
     CONFLICT_ATTEMPTS,
     CONFLICT_SQLSTATES,
@@ -109,12 +109,14 @@ class Entry:
     content_type: str
     content_encoding: str
     headers: dict[str, Any]
+    events: bool = False  # its task-received was sent: its pool process sends its task-succeeded
 
 
 @dataclass
 class Pending:
     entry: Entry
     message: Any
+    request: task_events.BatchedRequest
 
     def settle(self, action: str) -> None:
         """Acknowledge the message, or hand it back. A message of a connection lost meanwhile cannot
@@ -172,6 +174,7 @@ class Batcher:
         self.in_flight = 0
         self.due = False
         self.timer_ref: Any = None
+        self.events = task_events.TaskEvents(consumer)
 
     def strategy(self, task: Any, ordinary: Callable[..., Any]) -> Callable[..., Any]:
         """The task's consumer strategy: batch first deliveries; the rest take Celery's path."""
@@ -182,9 +185,15 @@ class Batcher:
             if body is not None or not is_ordinary(message):
                 return ordinary(message, body, ack, reject, callbacks, **kwargs)
             headers = message.headers or {}
-            entry = Entry(name, str(headers.get("id") or message.delivery_tag), message.body, message.content_type,
-                          message.content_encoding, {k: headers.get(k) for k in ("id", "root_id", "parent_id", "origin")})
-            self.buffer.append(Pending(entry, message))
+            task_id = str(headers.get("id") or message.delivery_tag)
+            if revocation.is_revoked(task_id):
+                self._refuse(message, name, task_id, None)
+                return None
+            request = self.events.request(task_id, task, message)
+            entry = Entry(name, task_id, message.body, message.content_type, message.content_encoding,
+                          {k: headers.get(k) for k in ("id", "root_id", "parent_id", "origin")},
+                          self.events.received(request))
+            self.buffer.append(Pending(entry, message, request))
             signals.task_received.send(sender=consumer, request=None)
             if len(self.buffer) >= self.size:
                 self.flush()
@@ -208,19 +217,45 @@ class Batcher:
             self.timer_ref.cancel()
             self.timer_ref = None
 
+    def _refuse(self, message: Any, name: str, task_id: str, request: task_events.BatchedRequest | None) -> None:
+        """A revoked message: dead-lettered `revoked` and acknowledged, never applied."""
+        log.info("Discarding revoked task: %s[%s]", name, task_id)  # Celery's line for its own requests
+        if revocation.keep(message, name, task_id):
+            try:
+                message.ack()
+            except Exception as exc:  # its connection was lost: it comes back, and is refused again
+                log.warning("could not acknowledge revoked %s %s (%s)", name, task_id, exc)
+            self.events.revoked(request, task_id)
+        elif request is not None:  # handed back (the store is away): it is refused again when it returns
+            self.events.forget([request])
+
+    def _unrevoked(self, batch: list[Pending]) -> list[Pending]:
+        """The batch without what was revoked while it gathered (refused here)."""
+        kept = []
+        for pending in batch:
+            if revocation.is_revoked(pending.entry.delivery_id):
+                self._refuse(pending.message, pending.entry.task, pending.entry.delivery_id, pending.request)
+            else:
+                kept.append(pending)
+        return kept
+
     def flush(self) -> None:
         self._cancel_timer()
         self.due = False
-        batch, self.buffer = self.buffer, []
+        batch, self.buffer = self._unrevoked(self.buffer), []
         if not batch:
             return
         self.in_flight += 1
+
+        def started(pid: int, time_accepted: float) -> None:
+            self.events.started([p.request for p in batch], pid, time_accepted)
 
         def done(actions: list[str]) -> None:
             acknowledge([p for p, action in zip(batch, actions) if action == ACK])
             for pending, action in zip(batch, actions):
                 if action != ACK:
                     pending.settle(action)
+            self.events.ended([p.request for p in batch], [action != ACK for action in actions])
             self._ended()
 
         def lost(exc_info: Any) -> None:
@@ -230,14 +265,17 @@ class Batcher:
                       len(batch), getattr(exc_info, "exception", exc_info))
             for pending in batch:
                 pending.settle(REQUEUE)
+            self.events.ended([p.request for p in batch], [True] * len(batch))
             self._ended()
 
         config = settings()
         self.consumer.pool.apply_async(apply_batch, ([p.entry for p in batch],), callback=done, error_callback=lost,
+                                       accept_callback=started,
                                        soft_timeout=config.task_soft_time_limit, timeout=config.task_time_limit)
 
     def discard(self) -> None:
         self._cancel_timer()
+        self.events.forget([p.request for p in self.buffer])  # they come back from the broker
         self.buffer = []
 
     def _ended(self) -> None:
@@ -298,6 +336,7 @@ def apply_batch(entries: list[Entry]) -> list[str]:
     for item in items:
         if actions[item.index] == ACK and item.outcome is not None:
             _report(item, seconds)
+    task_events.flush()
     return actions
 
 
@@ -324,8 +363,10 @@ def _send_again(item: Item) -> bool:
         log.warning("could not send %s %s again (%s: %s); handing it back", item.entry.task, item.entry.delivery_id,
                     type(exc).__name__, exc)
         return False
-    log.info("%s %s leaves its batch%s", item.entry.task, item.entry.delivery_id,
-             " (its invoice is held elsewhere)" if item.deferred else "")
+    reason = "its invoice is held elsewhere" if item.deferred else "it cannot be decided in its batch"
+    log.info("%s %s leaves its batch (%s); sent again as a retry", item.entry.task, item.entry.delivery_id, reason)
+    if item.entry.events:
+        task_events.retried(item.entry.delivery_id, reason)
     return True
 
 
@@ -603,6 +644,8 @@ def _report(item: Item, seconds: float) -> None:
     result = item.outcome.to_dict() if item.outcome is not None else {}
     outcome = OUTCOME_LABELS.get(result.get("outcome", "applied"), "applied")
     metrics.count_message(item.entry.task, outcome, result.get("reason"), seconds)
+    if item.entry.events:
+        task_events.succeeded(item.entry.delivery_id, result, seconds)
     if logs.wants_json():
         logs.task_line(item.entry.task, item.body, result, outcome, seconds, result.get("reason"))
     else:  # the line Celery writes for a task of its own

@@ -4,34 +4,17 @@ unknown task name, not a task at all) are dead-lettered whole before Celery drop
 from __future__ import annotations
 
 import logging
-import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from celery.worker.consumer import Consumer
 
 from worker.brokers.redis_transport import NOT_A_MESSAGE, header_time
-from worker.brokers.topology import QUEUES, ROUTES, is_amqp
+from worker.brokers.topology import QUEUES, is_amqp
 from worker.config import settings
-from worker.delivery import batching, dead_letters
-from worker.operations import metrics
+from worker.delivery import batching, dead_letters, task_events
 
 log = logging.getLogger(__name__)
-
-
-def _delivery(message: Any, body: Any) -> dead_letters.Delivery:
-    headers = dict(message.headers or {})
-    if body is None:  # protocol 2 leaves decoding to the pool; decode here to keep the body whole
-        try:
-            body = message.decode()
-        except Exception:
-            body = message.body
-    if isinstance(body, (list, tuple)) and body and isinstance(body[0], (list, tuple)):
-        args = list(body[0])
-        body = args[0] if len(args) == 1 else {"args": args}
-    delivery_id = str(headers.get("id") or message.delivery_tag or id(message))
-    return dead_letters.Delivery(delivery_id, str(headers.get("task") or "?"), body,
-                                 {**headers, "contentType": message.content_type})
 
 
 def eta_horizon(amqp: bool) -> timedelta:
@@ -86,25 +69,9 @@ def _header_problem(headers: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-
-
-def _kept(message: Any, body: Any, reason: str, error: str) -> bool:
-    """Dead-letter the message; when the store cannot be reached, hand the message back to the
-    broker (after a pause, so that a database outage is not a busy loop) and say so: a message
-    is never acknowledged before it is stored."""
-    try:
-        dead_letters.store(_delivery(message, body), reason=reason, error=error)
-        task = str((message.headers or {}).get("task"))
-        metrics.count_message(task if task in ROUTES else "unknown", "dead_lettered")  # any name: not a label
-        return True
-    except Exception as exc:
-        log.error("could not dead-letter a %s message (%s); handing it back to the broker", reason, exc)
-        time.sleep(1)
-        try:
-            message.reject(requeue=True)
-        except Exception:  # the broker is away too: it hands the message back itself
-            log.warning("could not hand the message back; the broker will", exc_info=True)
-        return False
+# Dead-lettering a message the consumer will not run lives in dead_letters (a revoked batched message
+# is kept the same way); the consumer's names for it stay.
+_kept = dead_letters.keep
 
 
 MAINTENANCE_TASKS = frozenset(QUEUES["invoices.maintenance"])
@@ -116,6 +83,14 @@ class InvoiceConsumer(Consumer):
     def update_strategies(self) -> None:
         super().update_strategies()
         batching.install(self)
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        task_events.leave_active()  # a batch in flight is not cancelled message by message
+        super().on_connection_error_after_connected(exc)
+
+    def cancel_active_requests(self) -> None:
+        task_events.leave_active()
+        super().cancel_active_requests()
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's handler, behind a byte cap checked before anything decodes the body

@@ -1,20 +1,27 @@
-"""The dead-letter store: messages the worker could not apply, kept whole in PostgreSQL."""
+"""The dead-letter store: messages the worker could not apply, kept whole in PostgreSQL; `keep`
+stores a broker message the worker will not run (the consumer's refusals, a revoked task id)."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+import logging
 import re
 import reprlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 
+from worker.brokers.topology import ROUTES
+from worker.operations import metrics
 from worker.storage import db
 from worker.storage.records import DeadLetter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -149,3 +156,37 @@ def to_json(row: DeadLetter) -> dict[str, Any]:
         "status": row.status, "firstSeen": row.first_seen.isoformat(), "lastSeen": row.last_seen.isoformat(),
         "body": row.body, "headers": row.headers,
     }
+
+
+def of_message(message: Any, body: Any) -> Delivery:
+    """A broker message as a Delivery: its task id, task name, body (decoded when given None) and headers."""
+    headers = dict(message.headers or {})
+    if body is None:  # protocol 2 leaves decoding to the pool; decode here to keep the body whole
+        try:
+            body = message.decode()
+        except Exception:
+            body = message.body
+    if isinstance(body, (list, tuple)) and body and isinstance(body[0], (list, tuple)):
+        args = list(body[0])
+        body = args[0] if len(args) == 1 else {"args": args}
+    delivery_id = str(headers.get("id") or message.delivery_tag or id(message))
+    return Delivery(delivery_id, str(headers.get("task") or "?"), body, {**headers, "contentType": message.content_type})
+
+
+def keep(message: Any, body: Any, reason: str, error: str) -> bool:
+    """Dead-letter the message; when the store cannot be reached, hand the message back to the
+    broker (after a pause, so that a database outage is not a busy loop) and say so: a message
+    is never acknowledged before it is stored."""
+    try:
+        store(of_message(message, body), reason=reason, error=error)
+        task = str((message.headers or {}).get("task"))
+        metrics.count_message(task if task in ROUTES else "unknown", "dead_lettered")  # any name: not a label
+        return True
+    except Exception as exc:
+        log.error("could not dead-letter a %s message (%s); handing it back to the broker", reason, exc)
+        time.sleep(1)
+        try:
+            message.reject(requeue=True)
+        except Exception:  # the broker is away too: it hands the message back itself
+            log.warning("could not hand the message back; the broker will", exc_info=True)
+        return False

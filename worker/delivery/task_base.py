@@ -34,6 +34,7 @@ class InvoiceTask(Task):
     typing = False  # the body is validated by its schema, so that a wrong call is dead-lettered, not lost
     acks_late = True
     reject_on_worker_lost = True
+    Request = "worker.delivery.revocation:Request"  # a revoked message is dead-lettered, not dropped
     max_retries = settings().task_max_retries
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
