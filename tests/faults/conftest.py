@@ -2,7 +2,8 @@
 stop and cut them from outside without touching the servers the rest of the session shares.
 
 Each scenario gets a fresh database and an empty broker, its own worker, relay and beat processes
-(tests.conftest.Processes), and reports one row of RELIABILITY.md through `reliability`.
+(tests.conftest.Processes), and reports one row of RELIABILITY.md through `reliability`
+(tests/faults/reliability.py), written whether the scenario passes or not.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.conftest import ROOT, TEST_ENV, Processes, publisher_app
-from tests.faults.checker import ReliabilityRow, write_reliability
+from tests.faults.reliability import Reliability, ReliabilityRow, write_reliability
 
 
 def free_port() -> int:
@@ -281,10 +282,29 @@ def scenario(fault_environment: FaultEnvironment, tmp_path: Path) -> Iterator[Sc
 _rows: list[ReliabilityRow] = []
 
 
-@pytest.fixture(scope="session")
-def reliability() -> Iterator[list[ReliabilityRow]]:
-    """Scenarios append their row; RELIABILITY.md is written when the session's scenarios are done."""
-    yield _rows
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # noqa: ANN001 - pytest's hook
+    """Keep the call phase's report on the test, for `reliability` to see whether it failed."""
+    report = (yield).get_result()
+    if report.when == "call":
+        item.fault_call_report = report
+
+
+@pytest.fixture
+def reliability(request: pytest.FixtureRequest) -> Iterator[Reliability]:
+    """A scenario opens its row of RELIABILITY.md here; the row is written whatever happens to it."""
+    recorder = Reliability()
+    yield recorder
+    report = getattr(request.node, "fault_call_report", None)
+    failure = report.longrepr.reprcrash.message if report is not None and report.failed and hasattr(
+        report.longrepr, "reprcrash") else ("failed" if report is not None and report.failed else None)
+    _rows.extend(recorder.finish(failure))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _write_reliability() -> Iterator[None]:
+    """RELIABILITY.md is written when the session's scenarios are done."""
+    yield
     if _rows:
         from worker.brokers.topology import is_amqp
 
@@ -292,8 +312,11 @@ def reliability() -> Iterator[list[ReliabilityRow]]:
                           "RabbitMQ 3.10" if is_amqp(os.environ.get("BROKER_URL")) else "Redis (Valkey)")
 
 
-def kill_pool_process(worker_pid: int, choose=None) -> int | None:
-    """SIGKILL one pool process of a worker (the chosen one, or the first); its pid."""
+def kill_pool_process(worker_pid: int, choose=None, database_url: str | None = None) -> int | None:
+    """SIGKILL one pool process of a worker (the chosen one, or the first); its pid. With a
+    `database_url`, only one that is running something: the victim is stopped (SIGSTOP) and killed
+    only when it has a transaction open on the scenario's database (it is mid-task), else let go on
+    (None)."""
     import psutil
 
     try:
@@ -306,10 +329,27 @@ def kill_pool_process(worker_pid: int, choose=None) -> int | None:
     if victim is None:
         return None
     try:
+        if database_url is not None:
+            os.kill(victim.pid, signal.SIGSTOP)
+            if not in_transaction(victim, database_url):
+                os.kill(victim.pid, signal.SIGCONT)
+                return None
         os.kill(victim.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, psutil.NoSuchProcess):
         return None
     return victim.pid
+
+
+def in_transaction(process, database_url: str) -> bool:  # noqa: ANN001 - a psutil.Process
+    """Whether a (stopped) process has a connection to the database whose transaction is open."""
+    from tests.faults.checker import conninfo
+
+    ports = [c.laddr.port for c in process.net_connections(kind="inet") if c.raddr and c.status == "ESTABLISHED"]
+    if not ports:
+        return False
+    with psycopg.connect(conninfo(database_url), autocommit=True) as db:
+        return bool(db.execute("SELECT count(*) FROM pg_stat_activity WHERE client_port = ANY(%s) "
+                               "AND xact_start IS NOT NULL", (ports,)).fetchone()[0])
 
 
 def monotonic() -> float:
