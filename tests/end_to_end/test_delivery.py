@@ -117,29 +117,58 @@ def test_a_pool_process_killed_mid_task_has_its_message_redelivered_and_applied_
     assert "WorkerLostError" in own_worker.log  # the process that ran the message died; another applied it
 
 
+def blocked_on_a_lock(pids: list[int]) -> bool:
+    """Whether one of these processes has a database connection waiting for a lock (it is mid-task)."""
+    from tests.faults.conftest import backends_of
+
+    backends = list(backends_of(pids))
+    with psycopg.connect(database_conninfo(), autocommit=True) as conn:
+        return bool(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                 "AND pid = ANY(%s)", (backends,)).fetchone()[0])
+
+
 def test_a_worker_killed_outright_loses_nothing(processes, database, broker):
-    """SIGKILL of the whole worker while a task holds its message: the broker hands the
-    message to the next worker after the visibility timeout and it is applied once."""
-    first = processes.worker(name="doomed@localhost")
-    helper = processes.worker(name="helper@localhost", queues="invoices.orders")
+    """SIGKILL of the whole worker while a task holds its message: the broker hands the message to
+    the next worker and it is applied once. The workers consume a broker database (a vhost) of
+    their own, so the session's shared worker cannot take the message, and the kill is shown to hit
+    the worker whose pool process is blocked in the task."""
+    from tests.conftest import _flush_broker_database, own_broker_url, publisher_app
+    from worker.brokers.topology import queue_for
+
+    url = own_broker_url(broker)
+    _flush_broker_database(url)
+    publisher = publisher_app(url)
+
+    def worker(name: str, **kwargs):
+        return processes.worker(name=name, extra_env={"BROKER_URL": url}, **kwargs)
+
+    def publish(task: str, body: dict) -> None:
+        publisher.send_task(task, args=[body], queue=queue_for(task))
+
+    first = worker("doomed@localhost")
     tenant = new_tenant("t-crash")
     order = order_body(tenant=tenant, autoIssue=True)
-    send("invoices.order_shipped", order)
+    publish("invoices.order_shipped", order)
     number = wait_outcome(tenant, order["messageId"])["invoiceNumber"]
-    processes.stop(helper)
     body = payment(tenant, number, "30.00")
     invoice = invoice_json(tenant, number)
-    with psycopg.connect(database_conninfo()) as blocker:
-        blocker.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (invoice["id"],))
-        send("invoices.record_payment", body)
-        wait_for(lambda: waiting_on_locks() >= 1, 20, what="the task to block")
-        processes.stop(first, sig=9)
-        blocker.rollback()
-    processes.worker(name="successor@localhost")
-    outcome = wait_outcome(tenant, body["messageId"], timeout=90)
-    assert outcome["outcome"] == "applied"
-    after = invoice_json(tenant, number)
-    assert after["amountPaid"] == "30.00" and len(after["payments"]) == 1
+    try:
+        with psycopg.connect(database_conninfo()) as blocker:
+            blocker.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (invoice["id"],))
+            publish("invoices.record_payment", body)
+            pool = [child.pid for child in psutil.Process(first.pid).children(recursive=True)]
+            wait_for(lambda: blocked_on_a_lock(pool), 20, what="the doomed worker's task to block")
+            processes.stop(first, sig=9)
+            blocker.rollback()
+        assert outcome_of(tenant, body["messageId"]) is None  # nothing applied it while the worker was down
+        processes.worker(name="successor@localhost", extra_env={"BROKER_URL": url})
+        outcome = wait_outcome(tenant, body["messageId"], timeout=90)
+        assert outcome["outcome"] == "applied"
+        after = invoice_json(tenant, number)
+        assert after["amountPaid"] == "30.00" and len(after["payments"]) == 1
+    finally:
+        publisher.close()
+        _flush_broker_database(url)
 
 
 def malformed_bodies(tenant: str) -> dict[str, dict]:

@@ -344,12 +344,43 @@ def in_transaction(process, database_url: str) -> bool:  # noqa: ANN001 - a psut
     """Whether a (stopped) process has a connection to the database whose transaction is open."""
     from tests.faults.checker import conninfo
 
-    ports = [c.laddr.port for c in process.net_connections(kind="inet") if c.raddr and c.status == "ESTABLISHED"]
-    if not ports:
+    backends = backends_of([process.pid])
+    if not backends:
         return False
     with psycopg.connect(conninfo(database_url), autocommit=True) as db:
-        return bool(db.execute("SELECT count(*) FROM pg_stat_activity WHERE client_port = ANY(%s) "
-                               "AND xact_start IS NOT NULL", (ports,)).fetchone()[0])
+        return bool(db.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s) "
+                               "AND xact_start IS NOT NULL", (list(backends),)).fetchone()[0])
+
+
+def backends_of(pids: list[int]) -> set[int]:
+    """The PostgreSQL backends (their pids) at the other end of these processes' Unix-socket
+    connections (the embedded servers listen on a socket only), read with `ss`, which names both
+    ends of a connection on this host."""
+    import re
+    import subprocess
+
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:["):-1])
+    listing = subprocess.run(["ss", "-xpn"], capture_output=True, text=True, check=True).stdout
+    backends: set[int] = set()
+    for line in listing.splitlines():
+        fields = line.split()  # u_str ESTAB 0 0 <server path> <inode> * <peer inode> users:(("postgres",pid=N,…))
+        if len(fields) >= 9 and ".s.PGSQL." in fields[4] and fields[7] in inodes:
+            found = re.search(r"pid=(\d+)", fields[8])
+            if found:
+                backends.add(int(found.group(1)))
+    return backends
 
 
 def monotonic() -> float:

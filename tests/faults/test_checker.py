@@ -127,3 +127,28 @@ def test_a_run_without_faults_counts_nothing(scenario):
     finally:
         tap.close()
     assert verdict.counts() == (0, 0, 0, 0) and not verdict.problems, verdict.problems
+
+
+def test_a_scenario_that_fails_still_writes_its_row_with_what_it_counted(scenario, tmp_path):
+    """A payment no worker ever takes: the scenario times out. Its row is written FAILED with the
+    loss counted, and the rows of scenarios not run this time stay in the section."""
+    from tests.faults.reliability import HEADER, RULE, Reliability, write_reliability
+
+    recorder, ledger, tenant = Reliability(), Ledger(), "t-checker-failed"
+    row = recorder.row("a payment no worker takes", scenario.database_url, ledger, EventTap(scenario.broker_url))
+    row.faults = "no worker"
+    send(scenario.publisher(), ledger, "invoices.record_payment", payment(tenant, "K-1", "1.00"))
+    (finished,) = recorder.finish("AssertionError: 1 of 1 messages have no outcome after 5s")
+    assert finished.verdict is not None and finished.verdict.counts() == (1, 0, 0, 0)
+    assert finished.result == "FAILED: AssertionError: 1 of 1 messages have no outcome after 5s"
+
+    path = tmp_path / "RELIABILITY.md"
+    earlier = "| a scenario not run this time | passed | 3 (3) | 1 kill | 0 | 0 | 0 | 0 | payments | 1.0 s |"
+    path.write_text(f"# Reliability\n\n## Redis (Valkey)\n\nRun on then.\n\n{HEADER}\n{RULE}\n{earlier}\n\n"
+                    "## RabbitMQ 3.10\n\nkept whole\n")
+    write_reliability(path, [finished], "Redis (Valkey)")
+    text = path.read_text()
+    assert ("| a payment no worker takes | FAILED: AssertionError: 1 of 1 messages have no outcome after 5s | 1 (1) "
+            "| no worker | 1 | 0 | 0 | 0 | payments, amounts | n/a |") in text
+    assert earlier in text and "1 rows kept from an earlier run" in text
+    assert "## RabbitMQ 3.10\n\nkept whole" in text
