@@ -1,4 +1,6 @@
-"""The one checker every fault scenario calls. It compares what the scenario SENT (the ledger: per
+"""(~450 lines on purpose: the ledger, the event tap and the four comparisons are read together.)
+
+The one checker every fault scenario calls. It compares what the scenario SENT (the ledger: per
 messageId, the outcome and the events the sender expects) with what happened: the inbox, the
 dead-letter store, the invoices and payments, the outbox, and the events a plain kombu consumer
 received. Its columns (RELIABILITY.md):

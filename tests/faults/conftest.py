@@ -60,6 +60,15 @@ class FaultBroker:
 
         redis.Redis(port=self.port).flushall()
 
+    def unacknowledged(self, queue: str) -> int:
+        """Messages of `queue` registered as delivered and not acknowledged (the `unacked` hash)."""
+        import json
+
+        import redis
+
+        entries = redis.Redis(port=self.port).hvals("unacked")
+        return sum(1 for raw in entries if json.loads(raw)[2] == queue)
+
 
 class FaultRabbit:
     """A RabbitMQ node of the suite's own (worker/local/rabbitmq_node.py), on a fixed port, which the
@@ -82,6 +91,20 @@ class FaultRabbit:
 
     def url_via(self, port: int) -> str:
         return f"amqp://guest:guest@127.0.0.1:{port}//"
+
+    def unacknowledged(self, queue: str) -> int:
+        """Messages of `queue` delivered to a consumer and not acknowledged (rabbitmqctl list_queues)."""
+        import subprocess
+
+        from worker.local.rabbitmq_node import DIAGNOSTICS
+
+        node = self.node
+        listed = subprocess.run([str(DIAGNOSTICS.parent / "rabbitmqctl"), "-q", "-n", node.name, "list_queues",
+                                 "--no-table-headers", "name", "messages_unacknowledged"], env=node._env(),
+                                cwd=node.root, capture_output=True, text=True, timeout=60, check=True,
+                                **node._run_as())
+        counts = dict(line.split() for line in listed.stdout.splitlines() if len(line.split()) == 2)
+        return int(counts.get(queue, 0))
 
     def flush(self) -> None:
         """Empty the worker's queues and Celery's delayed-delivery levels (a retry of the previous

@@ -60,7 +60,8 @@ class ReliabilityRow:
             counts = "| not counted " * 4 + "| none "
             sent = f"{len(self.ledger.messages)} ({self.ledger.copies})"
         else:
-            counts = f"| {v.lost} | {v.wrong_outcome} | {v.applied_twice} | {v.events_missing} | {', '.join(v.effects) or 'none'} "
+            effects = ", ".join(v.effects) or "none"
+            counts = f"| {v.lost} | {v.wrong_outcome} | {v.applied_twice} | {v.events_missing} | {effects} "
             sent = f"{v.sent} ({v.copies})"
         return f"| {self.scenario} | {self.result} | {sent} | {self.faults} {counts}| {recovery} |"
 
