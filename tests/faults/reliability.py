@@ -106,8 +106,11 @@ def write_reliability(path: Path, rows: list[ReliabilityRow], broker: str = "Red
     ran = {r.scenario for r in rows}
     kept = [line for line in _rows_of(sections.get(broker, "")) if line.split(" | ")[0][2:] not in ran]
     lines = {r.scenario: r.line() for r in rows}
-    for line in kept:
-        lines[line.split(" | ")[0][2:]] = line
+    for line in kept:  # marked in its result cell, once
+        cells = line.split(" | ")
+        if "earlier run" not in cells[1]:
+            cells[1] += " (earlier run)"
+        lines[cells[0][2:]] = " | ".join(cells)
     table = [f"## {broker}", "", f"Run on {when}" + (f"; {len(kept)} rows kept from an earlier run (not run this time)."
                                                       if kept else "."), "", HEADER, RULE]
     table += [lines[name] for name in sorted(lines)]
