@@ -114,6 +114,26 @@ def test_delete_and_cancel(running):
     assert command("invoices.cancel", T, invoiceNumber=issued)["outcome"] == "applied"
     kept = invoice_json(T, issued)
     assert kept["status"] == "Cancelled" and len(kept["lineItems"]) == 2
+    # Draft and PartiallyPaid cancel too, the payment kept whole for audit
+    draft = command("invoices.create", T, **create_body())["invoiceNumber"]
+    assert command("invoices.cancel", T, invoiceNumber=draft)["outcome"] == "applied"
+    part = issued_invoice(T)["invoiceNumber"]
+    assert wait_outcome(T, send("invoices.record_payment", payment(T, part, "10.00")))["outcome"] == "applied"
+    assert command("invoices.cancel", T, invoiceNumber=part)["outcome"] == "applied"
+    assert invoice_json(T, part)["status"] == "Cancelled" and invoice_json(T, part)["amountPaid"] == "10.00"
+    # Cancelled is final: every change tried afterwards is rejected and changes nothing
+    for number in (issued, draft, part):
+        before = invoice_json(T, number)
+        tries = {
+            "invoices.issue": {}, "invoices.cancel": {}, "invoices.void": {}, "invoices.delete": {},
+            "invoices.record_payment": {"amount": "1.00", "currency": "USD", "paymentMethod": "EFT"},
+            "invoices.apply_discount": {"discount": {"code": "X", "type": "Amount", "value": "1.00"}},
+            "invoices.update": {"lineItems": [{"quantity": "1", "unitPrice": "1.00"}]},
+        }
+        for task, fields in tries.items():
+            tried = command(task, T, invoiceNumber=number, **fields)
+            assert tried["outcome"] == "rejected", (number, task, tried)
+        assert invoice_json(T, number) == before, f"{number} changed after it was cancelled"
 
 
 def test_an_address_whose_number_and_id_disagree_is_rejected(running):

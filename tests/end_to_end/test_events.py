@@ -246,7 +246,9 @@ def test_events_status_and_tail_commands(running):
     from worker.brokers.relay import status
 
     tenant = new_tenant("t-tail")
-    tail = subprocess.Popen([sys.executable, "-m", "worker.cli", "events", "tail", "--type", "invoice.created",
+    # The type tailed is the invoice's second event (invoice.created comes first): tail binds by
+    # routing key and filters nothing itself, so only a routing key equal to the type prints it.
+    tail = subprocess.Popen([sys.executable, "-m", "worker.cli", "events", "tail", "--type", "invoice.status_changed",
                              "--count", "1"], cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -264,8 +266,8 @@ def test_events_status_and_tail_commands(running):
             tail.kill()
             tail.wait()
     printed = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert [e["type"] for e in printed] == ["invoice.created"]
-    assert printed[0]["invoiceId"] == invoice["id"]
+    assert [e["type"] for e in printed] == ["invoice.status_changed"]
+    assert printed[0]["invoiceId"] == invoice["id"] and printed[0]["sequence"] == 2
     shown = subprocess.run([sys.executable, "-m", "worker.cli", "events", "status", "--json"], cwd=ROOT,
                            env=os.environ.copy(), capture_output=True, text=True, timeout=30)
     data = json.loads(shown.stdout)

@@ -4,6 +4,7 @@ applied once when the database returns, even when the worker restarts meanwhile.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 
@@ -98,13 +99,18 @@ def test_database_away_then_back_the_message_is_retried_and_applied_once(running
     invoice = issued_invoice(tenant)
     # A broker database of its own, so that only the worker behind the proxy takes the message.
     broker = isolated_broker_url(os.environ["BROKER_URL"])
-    env = {"DATABASE_URL": proxy.url, "BROKER_URL": broker, "TASK_MAX_RETRIES": "12", "TASK_RETRY_BACKOFF_MAX": "2"}
+    env = {"DATABASE_URL": proxy.url, "BROKER_URL": broker, "TASK_MAX_RETRIES": "12", "TASK_RETRY_BACKOFF_MAX": "8"}
     first = processes.worker(name="behind-proxy@localhost", queues="invoices.payments", extra_env=env)
     proxy.down()
     body = payment(tenant, invoice["invoiceNumber"], "15.00")
     publisher = publisher_app(broker)
     publisher.send_task("invoices.record_payment", args=[body], queue="invoices.payments")
-    wait_for(lambda: first.log.read_text().count("Retry in") >= 2, 30, what="retries while the database is away")
+    wait_for(lambda: first.log.read_text().count("Retry in") >= 4, 60, what="retries while the database is away")
+    # Back-off: the n-th retry waits between half of and all of 2^n seconds (at least 1 s): it grows.
+    delays = [float(d) for d in re.findall(r"Retry in ([0-9.]+)s", first.log.read_text())][:4]
+    for n, delay in enumerate(delays):
+        assert max(1.0, 2 ** n / 2) <= delay <= max(1.0, 2 ** n), delays
+    assert delays[3] > delays[1] > delays[0], delays
     # The worker restarts while the message waits for its next try: nothing is lost.
     processes.stop(first)
     second = processes.worker(name="behind-proxy-2@localhost", queues="invoices.payments", extra_env=env)

@@ -8,10 +8,12 @@ that scans ran after everything the test set up, so whatever they did not do, th
 
 from __future__ import annotations
 
+import time
 import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from models.payment import Payment
 from tasks.payments import retry_policy
@@ -31,6 +33,12 @@ def start_beat(processes: Processes, tmp_path: Path) -> object:
              60, what="beat's first scan")
     assert beat.poll() is None, beat.log.read_text()[-3000:]
     return beat
+
+
+def database_now() -> datetime:
+    """The database's clock, the one created_at and failed_at are read from."""
+    with db.sessions()() as s:
+        return s.scalar(select(func.clock_timestamp()))
 
 
 def attempts(invoice_id: str) -> list[Payment]:
@@ -71,24 +79,33 @@ def test_beat_retries_on_schedule_for_the_capped_balance_until_spent_then_exhaus
     first_id = start(tenant, number)  # 142.60 on a saved card
     assert command("invoices.record_payment", tenant, number, amount="42.60", currency="USD",
                    paymentMethod="EFT")["outcome"] == "applied"
+    # Beat scans before the first failure, so that scans run while a retry is not yet due (started
+    # after it, its start-up could outlast the whole schedule, and "never before due" held vacuously).
+    beat = start_beat(processes, tmp_path)
     assert command("invoices.fail_payment", tenant, number, paymentId=first_id, failureCode="05",
                    failureReason="do not honour")["outcome"] == "applied"
     [first] = attempts(invoice["id"])
     assert first.payment_id == uuid.UUID(first_id)
     schedule = retry_policy()["retry_after"]
     assert len(schedule) == 3
-    start_beat(processes, tmp_path)
-    previous = first
+    previous, scans_while_not_due = first, 0
     for number_of_retry, due_after in enumerate(schedule, start=1):
+        due, scans = first.failed_at + due_after, scans_sent(beat)
+        while database_now() < due - timedelta(seconds=0.2):  # not due yet: scans run and request nothing
+            assert not [p for p in attempts(invoice["id"]) if p.attempt == number_of_retry], \
+                "a retry was requested before it was due"
+            time.sleep(0.05)
+        scans_while_not_due += max(0, scans_sent(beat) - scans - 1)  # the first may have been sent before
         rows = wait_for(lambda: [p for p in attempts(invoice["id"]) if p.attempt == number_of_retry], 60,
                         what=f"retry {number_of_retry}")
         retry = rows[0]
         assert (retry.status, retry.retry_of, retry.payment_profile_id) == ("Pending", previous.id, "card-1")
         assert str(retry.amount) == "100.0000"  # the balance, capped by the first attempt's 142.60
-        assert retry.created_at >= first.failed_at + due_after, "a retry was requested before it was due"
+        assert retry.created_at >= due, "a retry was requested before it was due"
         declined = deliver(callback(tenant, number, str(retry.payment_id), "Declined", amount=None, code="05"))
         assert declined["outcome"] == "applied"
         previous = retry
+    assert scans_while_not_due >= 1, "no scan ran while a retry was not yet due: nothing was shown"
     events.wait(lambda e: bool(of_invoice(events, invoice, "payment.retries_exhausted")), 60,
                 what="payment.retries_exhausted")
     # Scans go on every half second; the marker's retry shows some ran after the schedule was spent.

@@ -2,7 +2,8 @@
 stop and cut them from outside without touching the servers the rest of the session shares.
 
 Each scenario gets a fresh database and an empty broker, its own worker, relay and beat processes
-(tests.conftest.Processes), and reports one row of RELIABILITY.md through `reliability`.
+(tests.conftest.Processes), and reports one row of RELIABILITY.md through `reliability`
+(tests/faults/reliability.py), written whether the scenario passes or not.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.conftest import ROOT, TEST_ENV, Processes, publisher_app
-from tests.faults.checker import ReliabilityRow, write_reliability
+from tests.faults.reliability import Reliability, ReliabilityRow, write_reliability
 
 
 def free_port() -> int:
@@ -59,6 +60,15 @@ class FaultBroker:
 
         redis.Redis(port=self.port).flushall()
 
+    def unacknowledged(self, queue: str) -> int:
+        """Messages of `queue` registered as delivered and not acknowledged (the `unacked` hash)."""
+        import json
+
+        import redis
+
+        entries = redis.Redis(port=self.port).hvals("unacked")
+        return sum(1 for raw in entries if json.loads(raw)[2] == queue)
+
 
 class FaultRabbit:
     """A RabbitMQ node of the suite's own (worker/local/rabbitmq_node.py), on a fixed port, which the
@@ -81,6 +91,20 @@ class FaultRabbit:
 
     def url_via(self, port: int) -> str:
         return f"amqp://guest:guest@127.0.0.1:{port}//"
+
+    def unacknowledged(self, queue: str) -> int:
+        """Messages of `queue` delivered to a consumer and not acknowledged (rabbitmqctl list_queues)."""
+        import subprocess
+
+        from worker.local.rabbitmq_node import DIAGNOSTICS
+
+        node = self.node
+        listed = subprocess.run([str(DIAGNOSTICS.parent / "rabbitmqctl"), "-q", "-n", node.name, "list_queues",
+                                 "--no-table-headers", "name", "messages_unacknowledged"], env=node._env(),
+                                cwd=node.root, capture_output=True, text=True, timeout=60, check=True,
+                                **node._run_as())
+        counts = dict(line.split() for line in listed.stdout.splitlines() if len(line.split()) == 2)
+        return int(counts.get(queue, 0))
 
     def flush(self) -> None:
         """Empty the worker's queues and Celery's delayed-delivery levels (a retry of the previous
@@ -281,10 +305,29 @@ def scenario(fault_environment: FaultEnvironment, tmp_path: Path) -> Iterator[Sc
 _rows: list[ReliabilityRow] = []
 
 
-@pytest.fixture(scope="session")
-def reliability() -> Iterator[list[ReliabilityRow]]:
-    """Scenarios append their row; RELIABILITY.md is written when the session's scenarios are done."""
-    yield _rows
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # noqa: ANN001 - pytest's hook
+    """Keep the call phase's report on the test, for `reliability` to see whether it failed."""
+    report = (yield).get_result()
+    if report.when == "call":
+        item.fault_call_report = report
+
+
+@pytest.fixture
+def reliability(request: pytest.FixtureRequest) -> Iterator[Reliability]:
+    """A scenario opens its row of RELIABILITY.md here; the row is written whatever happens to it."""
+    recorder = Reliability()
+    yield recorder
+    report = getattr(request.node, "fault_call_report", None)
+    failure = report.longrepr.reprcrash.message if report is not None and report.failed and hasattr(
+        report.longrepr, "reprcrash") else ("failed" if report is not None and report.failed else None)
+    _rows.extend(recorder.finish(failure))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _write_reliability() -> Iterator[None]:
+    """RELIABILITY.md is written when the session's scenarios are done."""
+    yield
     if _rows:
         from worker.brokers.topology import is_amqp
 
@@ -292,8 +335,11 @@ def reliability() -> Iterator[list[ReliabilityRow]]:
                           "RabbitMQ 3.10" if is_amqp(os.environ.get("BROKER_URL")) else "Redis (Valkey)")
 
 
-def kill_pool_process(worker_pid: int, choose=None) -> int | None:
-    """SIGKILL one pool process of a worker (the chosen one, or the first); its pid."""
+def kill_pool_process(worker_pid: int, choose=None, database_url: str | None = None) -> int | None:
+    """SIGKILL one pool process of a worker (the chosen one, or the first); its pid. With a
+    `database_url`, only one that is running something: the victim is stopped (SIGSTOP) and killed
+    only when it has a transaction open on the scenario's database (it is mid-task), else let go on
+    (None)."""
     import psutil
 
     try:
@@ -306,10 +352,58 @@ def kill_pool_process(worker_pid: int, choose=None) -> int | None:
     if victim is None:
         return None
     try:
+        if database_url is not None:
+            os.kill(victim.pid, signal.SIGSTOP)
+            if not in_transaction(victim, database_url):
+                os.kill(victim.pid, signal.SIGCONT)
+                return None
         os.kill(victim.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, psutil.NoSuchProcess):
         return None
     return victim.pid
+
+
+def in_transaction(process, database_url: str) -> bool:  # noqa: ANN001 - a psutil.Process
+    """Whether a (stopped) process has a connection to the database whose transaction is open."""
+    from tests.faults.checker import conninfo
+
+    backends = backends_of([process.pid])
+    if not backends:
+        return False
+    with psycopg.connect(conninfo(database_url), autocommit=True) as db:
+        return bool(db.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s) "
+                               "AND xact_start IS NOT NULL", (list(backends),)).fetchone()[0])
+
+
+def backends_of(pids: list[int]) -> set[int]:
+    """The PostgreSQL backends (their pids) at the other end of these processes' Unix-socket
+    connections (the embedded servers listen on a socket only), read with `ss`, which names both
+    ends of a connection on this host."""
+    import re
+    import subprocess
+
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:["):-1])
+    listing = subprocess.run(["ss", "-xpn"], capture_output=True, text=True, check=True).stdout
+    backends: set[int] = set()
+    for line in listing.splitlines():
+        fields = line.split()  # u_str ESTAB 0 0 <server path> <inode> * <peer inode> users:(("postgres",pid=N,…))
+        if len(fields) >= 9 and ".s.PGSQL." in fields[4] and fields[7] in inodes:
+            found = re.search(r"pid=(\d+)", fields[8])
+            if found:
+                backends.add(int(found.group(1)))
+    return backends
 
 
 def monotonic() -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
+from tests.conftest import wait_for
 from tests.faults.conftest import TcpCut
 
 EVAL = b"$4\r\nEVAL\r\n"  # the request of a script sent whole (EVALSHA is another command)
@@ -105,6 +105,9 @@ def test_messages_taken_by_a_script_whose_reply_is_lost_come_back(fault_environm
     consume(broker.url_via(proxy.port), until_error=True)
     assert proxy.reply_dropped.is_set(), "the proxy never saw the read's script"
     assert received == []
+    # The read ran at the broker: every message is off its list, and registered as delivered.
+    server = redis.Redis(port=broker.port)
+    assert (server.llen(queue.name), server.hlen("unacked")) == (0, len(sent))
     # The broker answers again (the proxy is not needed for that): the same worker process reads on.
     consume(broker.url, until_error=False)
     proxy.cut()
@@ -113,19 +116,29 @@ def test_messages_taken_by_a_script_whose_reply_is_lost_come_back(fault_environm
 
 class Partition(TcpCut):
     """Forwards until partitioned; then drops whatever either side sends while every connection
-    stays open: the broker does not notice its client is gone, as behind a silent partition."""
+    stays open: the broker does not notice its client is gone, as behind a silent partition.
+    `reads` counts the read scripts forwarded to the broker."""
 
     def __init__(self, target_port: int) -> None:
         super().__init__(target_port)
         self.partitioned = threading.Event()
+        self.reads = 0
 
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
+            to_server = sink.getpeername()[1] == self.target[1]
             while data := source.recv(65536):
                 if not self.partitioned.is_set():
+                    if to_server and (EVAL in data or b"EVALSHA" in data):
+                        self.reads += 1
                     sink.sendall(data)
         except OSError:
             pass
+
+
+def blocked_clients(server: redis.Redis) -> int:
+    """Clients the broker holds in a blocking command (flag b)."""
+    return sum(1 for client in server.client_list() if "b" in client.get("flags", ""))
 
 
 def test_a_message_published_behind_a_silent_partition_stays_on_its_queue(fault_environment):
@@ -148,12 +161,13 @@ def test_a_message_published_behind_a_silent_partition_stays_on_its_queue(fault_
 
     consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
-    time.sleep(1.5)  # the consumer reads on, idle: empty reads and waits at the broker
-    proxy.partitioned.set()
-    time.sleep(0.3)  # what it sent before has run (a read, or a wait of at most 50 ms)
-    publish(broker.url, transport, queue, [{"messageId": "behind-the-partition"}])
-    time.sleep(1.5)  # kombu's BRPOP, sent before the partition, waits up to 1 s to take it
     server = redis.Redis(port=broker.port)
+    wait_for(lambda: proxy.reads >= 3, 30, what="the consumer to read on, idle, through the proxy")
+    proxy.partitioned.set()
+    # What it sent before has run: nothing is left blocked at the broker (kombu's BRPOP would be,
+    # for up to 1 s, and take the next message published).
+    wait_for(lambda: blocked_clients(server) == 0, 5, what="no command of the consumer left waiting at the broker")
+    publish(broker.url, transport, queue, [{"messageId": "behind-the-partition"}])
     on_queue, registered = server.llen(queue.name), server.hlen("unacked")
     stop.set()
     consumer.join(timeout=5)

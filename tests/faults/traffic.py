@@ -7,13 +7,14 @@ import time
 import uuid
 from typing import Any, Iterable
 
-from tests.faults.checker import Ledger
+from tests.faults.checker import Expected, Ledger
 
 PUBLISH_RETRY = {"max_retries": 60, "interval_start": 0.1, "interval_step": 0.25, "interval_max": 1.0}
 
 
-def send(publisher: Any, ledger: Ledger, task: str, body: dict[str, Any]) -> None:
-    """Publish, retrying while the broker is away (as a careful publisher does); record it as sent."""
+def send(publisher: Any, ledger: Ledger, task: str, body: dict[str, Any], expected: Expected | None = None) -> None:
+    """Publish, retrying while the broker is away (as a careful publisher does); record it as sent,
+    with what the sender expects of it (by default: applied, with its events)."""
     from worker.brokers.topology import queue_for
 
     try:
@@ -25,7 +26,7 @@ def send(publisher: Any, ledger: Ledger, task: str, body: dict[str, Any]) -> Non
         with publisher.connection_for_write() as connection:
             publisher.send_task(task, args=[body], queue=queue_for(task), connection=connection, retry=True,
                                 retry_policy=PUBLISH_RETRY)
-    ledger.record(task, body)
+    ledger.record(task, body, expected)
 
 
 def order(tenant: str, number: str, total: str = "1000.00", **extra: Any) -> dict[str, Any]:
