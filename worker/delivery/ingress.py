@@ -234,8 +234,8 @@ class Ingress:
         def requeue() -> None:
             try:
                 message.requeue()
-            except Exception:  # noqa: BLE001 - the channel is gone: the broker returns it itself
-                log.warning("could not hand the message back; the broker will when the channel closes", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - the channel is gone: the broker returns it itself
+                log.info("could not hand the message back (%s); the broker does when the channel closes", _failure(exc))
 
         if self.later is None:
             return requeue()
