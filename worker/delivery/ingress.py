@@ -111,7 +111,7 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001 - properties no client library would send
             delivery_id, task, headers = f"ingress:{uuid.uuid4()}", "?", {"envelope": _failure(exc)}
         try:
-            outcome = self._convert(message, task)
+            outcome = self.convert(message, task)
         except Exception as exc:  # noqa: BLE001 - any fault of this one message costs that message alone
             log.warning("ingress: cannot turn %s into a task (%s); dead-lettering it", delivery_id, _failure(exc))
             outcome = Letter("not-a-message", f"cannot turn the message into a task: {_failure(exc)}", message.body)
@@ -136,7 +136,7 @@ class Ingress:
                    "contentType": message.content_type, "properties": props}
         return delivery_id, task, headers
 
-    def _convert(self, message: Any, task: str) -> tuple[dict[str, Any], str] | Letter:
+    def convert(self, message: Any, task: str) -> tuple[dict[str, Any], str] | Letter:
         """(body, queue) of the task to publish, or the Letter that says why there is none."""
         raw = message.body
         if len(raw) > self.max_bytes:  # kept as received: decoding it is what the limit prevents
