@@ -150,7 +150,7 @@ class Ingress:
         except (ValueError, UnicodeDecodeError) as exc:
             return Letter("not-json", f"the body is not JSON: {exc}", raw)
         if not isinstance(body, dict):
-            return Letter("not-json", "the body is not a JSON object", raw)
+            return Letter("not-json", "the body is not a JSON object", body)  # JSON: kept as the value it is
         if task not in self.routes or task not in self.app.tasks:
             return Letter("unknown-task",
                           f"routing key {task!r} names no task (expected a task name, e.g. invoices.record_payment)",
