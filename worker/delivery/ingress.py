@@ -181,10 +181,12 @@ class Ingress:
                     letter.reason, letter.error)
 
     def _death(self, message: Any, headers: dict[str, Any]) -> tuple[str, str, Letter | None]:
-        try:
-            body = json.loads(message.body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            body = message.body
+        body = message.body
+        if len(body) <= self.max_bytes:  # a larger one is kept as the bytes received, never decoded
+            try:
+                body = json.loads(body)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                pass
         if isinstance(body, list) and body and isinstance(body[0], list) and len(body[0]) == 1:
             body = body[0][0]  # a Celery task message (protocol 2): args, kwargs, embed
         task = str(headers.get("task") or (message.delivery_info or {}).get("routing_key") or "?")
