@@ -1,6 +1,8 @@
 FROM python:3.11-slim
 WORKDIR /app
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# /metrics, /healthz and /readyz reachable from outside the container (the default is loopback only).
+ENV METRICS_ADDRESS=0.0.0.0
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY tasks ./tasks

@@ -21,5 +21,7 @@ def prune_outbox(self: InvoiceTask, body: object = None, *args: object, **kwargs
 
 @app.task(name="invoices.prune_records", base=InvoiceTask, bind=True)
 def prune_records(self: InvoiceTask, body: object = None, *args: object, **kwargs: object) -> dict:
-    """The inbox (INBOX_RETENTION_DAYS), closed dead letters, invoice waits and delivery counts."""
-    return self.retrying(lambda: {"outcome": "applied", "pruned": housekeeping.prune_records()})
+    """The inbox (INBOX_RETENTION_DAYS), closed dead letters, invoice waits and delivery counts; and
+    on Redis the queues of `events tail` processes that are gone."""
+    return self.retrying(lambda: {"outcome": "applied", "pruned": housekeeping.prune_records(),
+                                  "eventTails": scheduler.prune_event_tails(self.app)})

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     import_batch_size: int = Field(default=1000, ge=1, le=10_000)
     # The operator's HTTP endpoint (/metrics, /healthz, /readyz); 0 turns it off (section 10).
     metrics_port: int = Field(default=9808, ge=0, le=65535)
+    # The address it listens on: loopback unless a scraper on another host must reach it (the
+    # Dockerfile and docker-compose.yml set 0.0.0.0 for Prometheus).
+    metrics_address: str = Field(default="127.0.0.1", min_length=1)
     # `json`: every log line one JSON object; `text`: lines for people.
     log_format: Literal["text", "json"] = "text"
     # Celery task events, for Flower (`celery -A worker flower`); off by default, they cost a publish per task.

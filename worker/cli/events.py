@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import uuid
+import signal
 from typing import Any
 
 import click
@@ -29,36 +29,42 @@ def events_status(as_json: bool) -> None:
 
 @events.command("tail")
 @click.option("--type", "types", multiple=True, help="Only events of this type (repeatable; default all).")
-@click.option("--count", type=int, default=0, help="Stop after this many events (0: run until Ctrl-C).")
+@click.option("--count", type=int, default=0, help="Stop after this many events (0: run until a signal).")
 def events_tail(types: tuple[str, ...], count: int) -> None:
-    """Print events as they are published, read through a queue of its own bound to the exchange."""
-    from kombu import Connection, Queue
+    """Print events as they are published, read through a queue of its own bound to the exchange.
+    SIGINT, SIGTERM and SIGHUP end it cleanly, its queue deleted; a queue left by a tail that
+    could not clean up (SIGKILL) expires (RabbitMQ) or is pruned by beat (Redis):
+    worker/brokers/event_tails.py."""
+    from kombu import Connection
 
+    from worker.brokers.event_tails import Tail
     from worker.brokers.relay import EVENTS_EXCHANGE
     from worker.endpoints import broker_url
 
+    stopped: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda number, _frame: stopped.append(number))
     seen = 0
     with Connection(broker_url()) as conn:
-        name = f"invoices.events.tail.{uuid.uuid4().hex[:8]}"
-        queues = [Queue(name, EVENTS_EXCHANGE, routing_key=t, durable=False, auto_delete=True) for t in (types or ("#",))]
+        tail = Tail(conn, types or ("#",))
 
         def show(body: Any, message: Any) -> None:
             nonlocal seen
             click.echo(json.dumps(body))
-            message.ack()
             seen += 1
 
-        with conn.Consumer(queues, callbacks=[show], accept=["json"]):
-            # on stderr, so that stdout stays one JSON event per line; a script can wait for it
-            click.echo(f"tailing {EVENTS_EXCHANGE.name} ({', '.join(types or ('#',))})", err=True)
-            try:
-                while not count or seen < count:
+        tail.open()
+        try:
+            # no_ack: a tail killed mid-message leaves nothing to hand back into a queue that is gone
+            with conn.Consumer(tail.queues, callbacks=[show], accept=["json"], no_ack=True):
+                # on stderr, so that stdout stays one JSON event per line; a script can wait for it
+                click.echo(f"tailing {EVENTS_EXCHANGE.name} ({', '.join(types or ('#',))}) through {tail.name}",
+                           err=True)
+                while not stopped and (not count or seen < count):
                     try:
                         conn.drain_events(timeout=1)
                     except TimeoutError:
-                        continue
-            except KeyboardInterrupt:
-                pass
-            finally:
-                for queue in queues:
-                    queue(conn.default_channel).delete()
+                        pass
+                    tail.beat()
+        finally:
+            tail.close()

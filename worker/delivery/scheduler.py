@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -75,3 +76,11 @@ def _retry_one(scan_id: str, key: uuid.UUID, invoice_id: uuid.UUID, tenant_id: s
         uow.causation_id = f"{scan_id}:{failed.payment_id}"
         uow.commit_changes()
         return "dropped" if retry is None else "requested"
+
+
+def prune_event_tails(app: Any) -> list[str]:
+    """The queues of `events tail` processes that are gone, on Redis (worker/brokers/event_tails.py)."""
+    from worker.brokers.event_tails import prune_orphans
+
+    with app.connection_for_write() as connection:
+        return prune_orphans(connection)

@@ -1,12 +1,21 @@
-"""The operator's HTTP endpoint on METRICS_PORT (CONTRACT.md section 10): `/metrics`,
-`/healthz` and `/readyz`, served by a thread of the worker's main process (and of a relay that
-runs alone). A port already taken is logged as an error; the worker goes on consuming."""
+"""The operator's HTTP endpoint on METRICS_ADDRESS:METRICS_PORT (CONTRACT.md section 10):
+`/metrics`, `/healthz` and `/readyz`, served by threads of the worker's main process (and of a
+relay that runs alone). A port already taken is logged as an error; the worker goes on consuming.
+
+Anyone who can reach the port can open connections, so they are bounded (issue #23): loopback by
+default; a request must arrive within READ_TIMEOUT_SECONDS of each read; at most MAX_CONNECTIONS
+are open at once, and a new one beyond that closes the oldest that is still sending its request
+(an answer takes milliseconds, so the oldest unfinished request is a stalled or hostile one): a
+flood of half-sent requests costs a bounded number of threads and never stops /healthz for long.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
@@ -15,6 +24,9 @@ from worker.config import settings
 from worker.operations.health import Probe
 
 log = logging.getLogger(__name__)
+
+READ_TIMEOUT_SECONDS = 5.0
+MAX_CONNECTIONS = 32
 
 
 class ScrapeGauges:
@@ -52,6 +64,12 @@ class ScrapeGauges:
 
 class Handler(BaseHTTPRequestHandler):
     server: "OperatorServer"
+    timeout = READ_TIMEOUT_SECONDS  # of each read of the socket (StreamRequestHandler.setup)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers
+        self.server.request_read(self.connection)
+        return parsed
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         path = self.path.split("?", 1)[0]
@@ -81,23 +99,61 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class OperatorServer(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CONNECTIONS of them (see the module's docstring)."""
+
     daemon_threads = True
 
-    def __init__(self, port: int, probe: Probe, host: str = "0.0.0.0") -> None:
+    def __init__(self, host: str, port: int, probe: Probe) -> None:
         self.probe = probe
+        self._guard = threading.Lock()
+        self._open = 0
+        self._sending: dict[socket.socket, float] = {}  # connections whose request is not read yet
         super().__init__((host, port), Handler)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._guard:
+            if self._open >= MAX_CONNECTIONS:
+                if not self._sending:  # every slot is answering a request: this one waits for none
+                    super().shutdown_request(request)
+                    return
+                oldest = min(self._sending, key=self._sending.__getitem__)
+                del self._sending[oldest]
+                try:
+                    oldest.shutdown(socket.SHUT_RDWR)  # its thread's read ends; the thread ends with it
+                except OSError:
+                    pass
+                log.debug("operator endpoint: %d connections open; closed the oldest unfinished request", self._open)
+            self._open += 1
+            self._sending[request] = time.monotonic()
+        super().process_request(request, client_address)
 
-def serve(port: int, probe: Probe) -> OperatorServer | None:
-    """Serve on `port` in a daemon thread; None (and an ERROR) when the port cannot be had."""
+    def request_read(self, request: Any) -> None:
+        with self._guard:
+            self._sending.pop(request, None)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._guard:
+            self._sending.pop(request, None)
+            self._open -= 1
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A caller that went away mid-answer, or a connection closed above: not the worker's problem.
+        log.debug("operator endpoint: a connection from %s ended with an error", client_address, exc_info=True)
+
+
+def serve(port: int, probe: Probe, host: str | None = None) -> OperatorServer | None:
+    """Serve on METRICS_ADDRESS (or `host`):`port` in a daemon thread; None (and an ERROR) when the
+    port cannot be had."""
+    host = host or settings().metrics_address
     try:
-        server = OperatorServer(port, probe)
+        server = OperatorServer(host, port, probe)
     except OSError as exc:
         log.error("cannot serve /metrics, /healthz and /readyz on port %d: %s; the worker goes on without them "
                   "(give each worker on a host its own METRICS_PORT)", port, exc.strerror or exc)
         return None
     threading.Thread(target=server.serve_forever, name="operator-endpoint", daemon=True).start()
-    log.info("serving /metrics, /healthz and /readyz on port %d", port)
+    log.info("serving /metrics, /healthz and /readyz on %s port %d", host, port)
     return server
 
 

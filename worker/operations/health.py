@@ -24,6 +24,13 @@ PROBE_TIMEOUT_SECONDS = 2
 # CONSUMER_STALL_SECONDS sets it.
 STALL_SECONDS = 30.0
 
+# What /readyz says of a part that does not answer: a word (the key) and a sentence of ours. The
+# servers' own error text names hosts, ports and roles: it goes to the log, never to the caller.
+PUBLIC_PROBLEMS = {
+    "database": "PostgreSQL does not answer (the worker's log has the error)",
+    "broker": "the broker does not answer (the worker's log has the error)",
+}
+
 OUTBOX_LAG = ("SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL")
 OPEN_DEAD_LETTERS = "SELECT count(*) FROM dead_letters WHERE status = 'open'"
 
@@ -126,6 +133,17 @@ class Consumption:
         return sentence
 
 
+def _log_changes(previous: Snapshot | None, current: Snapshot) -> None:
+    """The error text of each part that does not answer, logged when it first appears or changes
+    (not at every reading), and a line when the part answers again."""
+    before = previous.problems if previous is not None else {}
+    for part, detail in current.problems.items():
+        if before.get(part) != detail:
+            log.warning("readiness: %s", detail)
+    for part in before.keys() - current.problems.keys():
+        log.info("readiness: %s answers again", part)
+
+
 class Probe:
     """Reads the database and the broker at most once per PROBE_CACHE_SECONDS (thread-safe)."""
 
@@ -145,13 +163,14 @@ class Probe:
                 snapshot = Snapshot(taken=now)
                 read_database(self.database_url, snapshot)
                 read_queues(self.broker_url, self.queues, snapshot)
+                _log_changes(self._last, snapshot)
                 self._last = snapshot
             return self._last
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """(ready, JSON body): ready while PostgreSQL and the broker answer and the worker consumes."""
         snapshot = self.snapshot()
-        problems = dict(snapshot.problems)
+        problems = {part: PUBLIC_PROBLEMS.get(part, part) for part in snapshot.problems}
         if self.consumption is not None and snapshot.queue_depth is not None:
             stopped = self.consumption.problem(sum(snapshot.queue_depth.values()))
             if stopped:
