@@ -70,7 +70,8 @@ def _header_problem(headers: dict[str, Any]) -> tuple[str, str] | None:
 
 
 # Dead-lettering a message the consumer will not run lives in dead_letters (a revoked batched message
-# is kept the same way); the consumer's names for it stay.
+# is kept the same way); the consumer's names for it stay. When the store is away, the message
+# waits on the consumer's timer before it goes back: the consumer never sleeps.
 _kept = dead_letters.keep
 
 
@@ -92,26 +93,31 @@ class InvoiceConsumer(Consumer):
         task_events.leave_active()
         super().cancel_active_requests()
 
+    def _later(self, delay: float, call: Any) -> None:
+        self.timer.call_after(delay, call)
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's handler, behind a byte cap checked before anything decodes the body
         (MAX_MESSAGE_BYTES): a larger message is dead-lettered `too-large`, whole (as bytes)."""
         handle = super().create_task_handler(*args, **kwargs)
         limit = settings().max_message_bytes
         horizon = eta_horizon(is_amqp(self.app.conf.broker_url))
+        later = self._later
 
         def on_task_received(message: Any) -> Any:
             size = len(message.body or b"")
             if size == 0:  # Celery unpacks nothing from it, fails in the pool and acknowledges it: gone
-                if _kept(message, message.body, "not-a-message", "the message has no body"):
+                if _kept(message, message.body, "not-a-message", "the message has no body", later):
                     message.ack()
                 return None
             if size > limit:  # kept as the bytes received: decoding it is what the limit prevents
-                if _kept(message, message.body, "too-large", f"the body is {size} bytes; MAX_MESSAGE_BYTES allows {limit}"):
+                if _kept(message, message.body, "too-large", f"the body is {size} bytes; MAX_MESSAGE_BYTES allows {limit}",
+                         later):
                     message.ack()
                 return None
             problem = _header_problem(message.headers or {}) or _timing_problem(message.headers or {}, horizon)
             if problem is not None:
-                if _kept(message, None if problem[0] != "not-a-message" else message.body, *problem):
+                if _kept(message, None if problem[0] != "not-a-message" else message.body, *problem, later):
                     message.ack()
                 return None
             try:
@@ -121,7 +127,7 @@ class InvoiceConsumer(Consumer):
                     raise
                 log.exception("Celery could not take a message; dead-lettering it")
                 if _kept(message, message.body, "invalid-task", f"the worker could not take the message: "
-                                                               f"{type(exc).__name__}: {exc}"):
+                                                               f"{type(exc).__name__}: {exc}", later):
                     message.ack()
                 return None
 
@@ -133,18 +139,18 @@ class InvoiceConsumer(Consumer):
             error = "what arrived on the queue is not a message the worker can read (its envelope is broken)"
         else:
             error = f"cannot decode a {message.content_type} message: {exc}"
-        if _kept(message, message.body, "not-a-message", error):
+        if _kept(message, message.body, "not-a-message", error, self._later):
             super().on_decode_error(message, exc)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         name = (message.headers or {}).get("task", "?")
-        if _kept(message, body, "unknown-task", f"no task is named {str(name)[:200]!r}"):
+        if _kept(message, body, "unknown-task", f"no task is named {str(name)[:200]!r}", self._later):
             super().on_unknown_task(body, message, exc)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
-        if _kept(message, body, "not-a-task", "the message is not a Celery task message"):
+        if _kept(message, body, "not-a-task", "the message is not a Celery task message", self._later):
             super().on_unknown_message(body, message)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        if _kept(message, body, "invalid-task", f"invalid task message: {exc}"):
+        if _kept(message, body, "invalid-task", f"invalid task message: {exc}", self._later):
             super().on_invalid_task(body, message, exc)

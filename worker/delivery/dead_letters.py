@@ -11,7 +11,7 @@ import re
 import reprlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
@@ -173,10 +173,13 @@ def of_message(message: Any, body: Any) -> Delivery:
     return Delivery(delivery_id, str(headers.get("task") or "?"), body, {**headers, "contentType": message.content_type})
 
 
-def keep(message: Any, body: Any, reason: str, error: str) -> bool:
+def keep(message: Any, body: Any, reason: str, error: str,
+         later: Callable[[float, Callable[[], None]], Any] | None = None) -> bool:
     """Dead-letter the message; when the store cannot be reached, hand the message back to the
-    broker (after a pause, so that a database outage is not a busy loop) and say so: a message
-    is never acknowledged before it is stored."""
+    broker a second later (so that a database outage is not a busy loop) and say so: a message is
+    never acknowledged before it is stored. With `later` (the consumer's event-loop timer) the
+    message waits unacknowledged meanwhile; without, this sleeps (a pause of every message the
+    consumer handles, which the consumer must not pay)."""
     try:
         store(of_message(message, body), reason=reason, error=error)
         task = str((message.headers or {}).get("task"))
@@ -184,9 +187,20 @@ def keep(message: Any, body: Any, reason: str, error: str) -> bool:
         return True
     except Exception as exc:
         log.error("could not dead-letter a %s message (%s); handing it back to the broker", reason, exc)
-        time.sleep(1)
-        try:
-            message.reject(requeue=True)
-        except Exception:  # the broker is away too: it hands the message back itself
-            log.warning("could not hand the message back; the broker will", exc_info=True)
+
+        def hand_back() -> None:
+            try:
+                message.reject(requeue=True)
+            except Exception:  # the broker is away too: it hands the message back itself
+                log.warning("could not hand the message back; the broker will", exc_info=True)
+
+        if later is not None:
+            later(HAND_BACK_SECONDS, hand_back)
+        else:
+            time.sleep(HAND_BACK_SECONDS)
+            hand_back()
         return False
+
+
+# How long a message that could not be dead-lettered waits before it goes back to the broker.
+HAND_BACK_SECONDS = 1.0
