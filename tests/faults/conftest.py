@@ -1,4 +1,6 @@
-"""The fault suite's servers: a PostgreSQL and a Valkey of its own, so that a scenario can kill,
+"""(~410 lines: pytest shares fixtures only from a conftest; each server class is short.)
+
+The fault suite's servers: a PostgreSQL and a Valkey of its own, so that a scenario can kill,
 stop and cut them from outside without touching the servers the rest of the session shares.
 
 Each scenario gets a fresh database and an empty broker, its own worker, relay and beat processes

@@ -1,5 +1,7 @@
-"""(~470 lines on purpose: one subclass of kombu's channel, its read script and its hand-back rules
-together, since each rule depends on what the script registered.)
+"""(~700 lines on purpose: one subclass of kombu's channel with its two scripts, the read (TAKE)
+and the parking (PARK), and the rules that read what they registered: the hand-back of an entry,
+the check of a taken item, the orphans. Each rule depends on the entry format the read writes, so
+they are read together; splitting them would put that format in two places.)
 
 kombu's Redis transport, with one fix and two changes for speed (reading up to 100 messages per
 BRPOP answer, and acknowledging a batch in one round trip; see Channel). The fix: messages that could not be handed back when the broker
