@@ -333,8 +333,12 @@ def _write_reliability() -> Iterator[None]:
     if _rows:
         from worker.brokers.topology import is_amqp
 
-        write_reliability(ROOT / "RELIABILITY.md", _rows,
-                          "RabbitMQ 3.10" if is_amqp(os.environ.get("BROKER_URL")) else "Redis (Valkey)")
+        from worker.config import settings
+
+        section = "Redis (Valkey)"
+        if is_amqp(os.environ.get("BROKER_URL")):  # make test-rabbitmq-quorum gets a section of its own
+            section = "RabbitMQ 3.10, quorum queues" if settings().rabbitmq_queue_type == "quorum" else "RabbitMQ 3.10"
+        write_reliability(ROOT / "RELIABILITY.md", _rows, section)
 
 
 def kill_pool_process(worker_pid: int, choose=None, database_url: str | None = None) -> int | None:
