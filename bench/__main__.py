@@ -59,6 +59,16 @@ class Rows(list):
         print(" | ".join(row), flush=True)
 
 
+
+def means(side_by_side: dict) -> tuple[float, float]:
+    """The mean rate off and on of a side-by-side measurement (rounds alternating off and on)."""
+    return tuple(sum(side_by_side[k]) / len(side_by_side[k]) for k in ("off", "on"))
+
+
+def rounds(side_by_side: dict) -> str:
+    return (f"rounds off {', '.join(f'{r:.0f}' for r in side_by_side['off'])}, "
+            f"on {', '.join(f'{r:.0f}' for r in side_by_side['on'])}")
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="smaller counts, for development")
@@ -101,19 +111,17 @@ def main() -> int:
                      f"{two['rate']:.0f} msg/s", f"{two['rate'] / a['rate']:.0%} of A; workers {memory(two)}"))
         n_cost = min(n_pay, 10_000)
         cost = metrics_cost.side_by_side(env, lambda: payments.payment_bodies(numbers, n_cost), concurrency)
-        m_off, m_on = (sum(cost[k]) / len(cost[k]) for k in ("off", "on"))
+        m_off, m_on = means(cost)
         rows.append((f"end to end, metrics off / on (scraped every second): {n_cost:,} record_payment, "
                      f"{len(cost['off'])} rounds each", f"{m_off:.0f} / {m_on:.0f} msg/s",
-                     f"rounds off {', '.join(f'{r:.0f}' for r in cost['off'])}, on "
-                     f"{', '.join(f'{r:.0f}' for r in cost['on'])}; counting one message: {cost['pool_us']:.1f} µs "
+                     f"{rounds(cost)}; counting one message: {cost['pool_us']:.1f} µs "
                      f"in its pool process (multiprocess files, what the worker does), {cost['main_us']:.1f} µs "
                      f"if the main process counted (parsing the result's repr)"))
         events = task_events_cost.side_by_side(env, lambda: payments.payment_bodies(numbers, n_cost), concurrency)
-        e_off, e_on = (sum(events[k]) / len(events[k]) for k in ("off", "on"))
+        e_off, e_on = means(events)
         rows.append((f"end to end, batching on, task events off / on (a Celery event receiver listening, as Flower): "
                      f"{n_cost:,} record_payment, {len(events['off'])} rounds each", f"{e_off:.0f} / {e_on:.0f} msg/s",
-                     f"events on cost {1 - e_on / e_off:.0%}; rounds off {', '.join(f'{r:.0f}' for r in events['off'])}, "
-                     f"on {', '.join(f'{r:.0f}' for r in events['on'])}; task-succeeded events received per message: "
+                     f"events on cost {1 - e_on / e_off:.0%}; {rounds(events)}; task-succeeded events received per message: "
                      f"{events['succeeded_per_message']:.2f}; the worker's CPU per message off / on "
                      f"{events['cpu_off_us']:.0f} / {events['cpu_on_us']:.0f} µs; in-process, a message's three events cost "
                      f"{events['events_us']:.0f} µs of CPU (its place in Celery's worker state, in both, "
