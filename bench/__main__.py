@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 
 import psutil
 
-from bench import bulk_import, metrics_cost, payments, pruning, relay_cpu, task_events_cost, under_load
+from bench import (batch_ceiling, bulk_import, growth, metrics_cost, payments, pruning, relay_cpu, task_events_cost,
+                   under_load)
 from bench.harness import ROOT, Environment
 from worker.config import settings
 
@@ -88,6 +89,10 @@ def main() -> int:
         b = payments.ceiling_b(env, numbers, 10 if not args.quick else 3)
         rows.append(("B: record_payment's SQL, tight psycopg loop", f"{b['rate']:.0f} tx/s",
                      f"{b['statements']} statements per transaction"))
+        b100 = batch_ceiling.run(env, numbers, concurrency, 10 if not args.quick else 3)
+        rows.append((f"B₁₀₀: one batch of 100 record_payment's SQL, tight psycopg loop, {concurrency} connections",
+                     f"{b100['rate']:.0f} msg/s", f"{b100['batches']:.1f} batches/s, {b100['statements']} statements "
+                     f"and COMMIT per batch (bench/batch_ceiling.py)"))
         off, on = {"APPLY_BATCH_SIZE": "1"}, {}
         bodies = payments.payment_bodies(numbers, n_pay)
         e2e_off = payments.end_to_end(env, bodies, concurrency, off)
@@ -98,7 +103,8 @@ def main() -> int:
         e2e = payments.end_to_end(env, bodies, concurrency, on)
         rows.append((f"end to end, batching on (APPLY_BATCH_SIZE={settings().apply_batch_size}, "
                      f"APPLY_BATCH_WAIT_MS={settings().apply_batch_wait_ms:g})", f"{e2e['rate']:.0f} msg/s",
-                     f"{e2e['rate'] / a['rate']:.0%} of A, {e2e['rate'] / e2e_off['rate']:.1f}× batching off; "
+                     f"{e2e['rate'] / a['rate']:.0%} of A, {e2e['rate'] / b100['rate']:.0%} of B₁₀₀, "
+                     f"{e2e['rate'] / e2e_off['rate']:.1f}× batching off; "
                      f"worker {memory(e2e)}"))
         n_scale = max(n_pay // 4, 2000)
         for processes in (1, 2, 3, 4):
@@ -137,6 +143,13 @@ def main() -> int:
             dup = payments.duplicates(env, bodies, concurrency, worker_env)
             rows.append((f"duplicates, {label}: the same {n_pay:,} again", f"{dup['rate']:.0f} msg/s",
                          f"{dup['rate'] / a['rate']:.0%} of A; worker {memory(dup)}"))
+        n_hot = 1000 if args.quick else 5000
+        hot = payments.hot_invoice(env, numbers, n_hot, concurrency)
+        rows.append((f"hot invoice, batching on: {n_hot:,} payments to one invoice / the same over {n_inv:,} invoices",
+                     f"{hot['hot']['rate']:.0f} / {hot['spread']['rate']:.0f} msg/s",
+                     f"{hot['hot']['rate'] / hot['spread']['rate']:.0%} of spread; every payment applied once: "
+                     f"{'yes' if hot['checks']['applied once'] else 'NO'}, event sequence gap-free: "
+                     f"{'yes' if hot['checks']['gap-free'] else 'NO'}"))
         relayed = relay_cpu.run(env, 2000 if args.quick else 20_000)
         one, many = relayed["one publish per event"], relayed["pipelined batches"]
         rows.append((f"relay alone, {many['events']:,} events: one publish per event / pipelined batches",
@@ -154,6 +167,24 @@ def main() -> int:
             rows.append(row)
         load = under_load.run(env, numbers, 1000 if args.quick else 4000, concurrency)
         where = profile(numbers)
+        sizes = (10_000, 50_000) if args.quick else (10_000, 100_000, 1_000_000)
+        genv = Environment()  # a database of its own, on the same servers
+        try:
+            grown = growth.run(genv, payments.setup_invoices(genv, n_inv), sizes, n_pay, lat_seconds, concurrency,
+                               n_import)
+        finally:
+            genv.close()
+        first = grown["stages"][0]
+        for stage in grown["stages"]:
+            rows.append((f"growth: {stage['size']:,} invoices already there ({stage['rows']['inbox']:,} inbox, "
+                         f"{stage['rows']['invoice_history']:,} history, {stage['rows']['outbox']:,} outbox rows), "
+                         f"{n_pay:,} record_payment, batching on", f"{stage['e2e']['rate']:.0f} msg/s",
+                         f"{stage['e2e']['rate'] / first['e2e']['rate']:.0%} of the rate at {first['size']:,}; at 200 "
+                         f"msg/s p50 {stage['lat']['p50']:.1f} ms, p99 {stage['lat']['p99']:.1f} ms"))
+        empty, full = grown["import_empty"], grown["import_full"]
+        rows.append((f"growth: bulk import of {n_import:,} invoices into {sizes[-1]:,} / into an empty database",
+                     f"{full['rate']:.0f} / {empty['rate']:.0f} invoices/s", f"{full['rate'] / empty['rate']:.0%} of "
+                     f"the empty database's rate; worker {memory(full)}"))
     finally:
         env.close()
     total = time.monotonic() - began

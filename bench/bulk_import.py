@@ -26,11 +26,11 @@ def entries(prefix: str, count: int) -> list[dict[str, Any]]:
                            for j in range(3)]} for i in range(count)]
 
 
-def through_worker(env: Environment, count: int, concurrency: int) -> dict[str, float]:
+def through_worker(env: Environment, count: int, concurrency: int, tenant: str = "bench-import") -> dict[str, float]:
     bodies = []
     data = entries("W", count)
     for start in range(0, count, BATCH):
-        bodies.append({"messageId": f"bulk-{uuid.uuid4()}", "tenantId": "bench-import", "batchId": f"b-{start}",
+        bodies.append({"messageId": f"bulk-{uuid.uuid4()}", "tenantId": tenant, "batchId": f"b-{start}",
                        "invoices": data[start:start + BATCH]})
     del data
     proc = worker(concurrency)
@@ -38,9 +38,9 @@ def through_worker(env: Environment, count: int, concurrency: int) -> dict[str, 
         with PeakMemory(proc) as memory:
             started = time.monotonic()
             publish("invoices.bulk_import", bodies, "invoices.imports")
-            done = wait(lambda: env.sql("SELECT count(*) FROM inbox WHERE tenant_id = 'bench-import'")[0][0]
+            done = wait(lambda: env.sql("SELECT count(*) FROM inbox WHERE tenant_id = %s", (tenant,))[0][0]
                         >= len(bodies), 600, interval=0.2)
-        created = env.sql("SELECT count(*) FROM invoices WHERE tenant_id = 'bench-import'")[0][0]
+        created = env.sql("SELECT count(*) FROM invoices WHERE tenant_id = %s", (tenant,))[0][0]
         assert created == count, f"{created} of {count} invoices imported"
         return {"rate": count / (done - started), "seconds": done - started, "pss_mb": memory.mb, "rss_mb": memory.rss_mb}
     finally:

@@ -96,6 +96,13 @@ class Environment:
                         pass
         return total
 
+    def purge(self) -> None:
+        """Empty the worker's queues (what a part published and no worker took)."""
+        if self.amqp:
+            self._purge()
+        else:
+            self.redis.delete(*QUEUES.split(","))
+
     def _purge(self) -> None:
         from kombu import Connection
 
@@ -193,7 +200,11 @@ def worker(concurrency: int, env: dict[str, str] | None = None, include: str | N
     if include:
         argv += ["--include", include]
     proc = Process(argv, env or {}, None)
-    wait(lambda: _ready(proc, name), 60)
+    try:
+        wait(lambda: _ready(proc, name), 60)
+    except BaseException:
+        proc.stop()
+        raise
     return proc
 
 

@@ -13,17 +13,17 @@ import psycopg
 from bench.harness import Environment, PeakMemory, relay, wait, worker
 
 
-def setup_invoices(env: Environment, count: int) -> list[str]:
+def setup_invoices(env: Environment, count: int, prefix: str = "B") -> list[str]:
     """Issued invoices with room for many payments, made with one bulk import (fast and real)."""
     from messages.schemas import BulkImport
     from worker.delivery.handling import execute, parse
     from worker.storage.bulk_import import import_batch
 
-    numbers = [f"B-{i:05d}" for i in range(count)]
+    numbers = [f"{prefix}-{i:05d}" for i in range(count)]
     entries = [{"invoiceNumber": n, "currency": "USD", "lineItems": [{"quantity": "1", "unitPrice": "100000.00"}],
                 "importedInvoiceTotal": "100000.00", "importedBalance": "99999.00"} for n in numbers]
     for start in range(0, count, 5000):
-        message = parse(BulkImport, {"messageId": f"setup-{start}", "tenantId": "bench", "batchId": "setup",
+        message = parse(BulkImport, {"messageId": f"setup-{prefix}-{start}", "tenantId": "bench", "batchId": "setup",
                                      "invoices": entries[start:start + 5000]})
         execute("invoices.bulk_import", message, import_batch)
     env.sql("UPDATE outbox SET published_at = now()")
@@ -35,12 +35,53 @@ def payment_bodies(numbers: list[str], count: int) -> list[dict[str, Any]]:
              "amount": "1.00", "currency": "USD", "paymentMethod": "EFT"} for i in range(count)]
 
 
-def publish(task: str, bodies: list[Any], queue: str) -> None:
+# RabbitMQ: how many publishes may await their confirmation at once.
+CONFIRM_WINDOW = 2000
+
+
+def publish(task: str, bodies: list[Any], queue: str) -> float:
+    """Publish the bodies as Celery does; return how long it took until the broker had them all.
+    On RabbitMQ with pipelined confirms: the app's own publisher waits for the confirmation of each
+    message before it sends the next (confirm_publish), a round trip per message that made the
+    bench's publisher, not the worker, the limit; here up to CONFIRM_WINDOW publishes are in flight
+    and the last confirmation closes the count (a refused publish raises)."""
+    from kombu import Producer
+
+    from worker.brokers.topology import is_amqp
     from worker.celery_app import app
 
-    with app.producer_or_acquire() as producer:
-        for body in bodies:
+    started = time.monotonic()
+    if not is_amqp(app.conf.broker_url):
+        with app.producer_or_acquire() as producer:
+            for body in bodies:
+                app.send_task(task, args=[body], queue=queue, producer=producer)
+        return time.monotonic() - started
+    with app.connection_for_write(transport_options={"confirm_publish": False}) as conn:
+        channel = conn.default_channel
+        confirmed, refused = [0], []
+        channel.events["basic_ack"].add(lambda tag, multiple: confirmed.__setitem__(0, max(confirmed[0], tag)))
+        channel.events["basic_nack"].add(lambda tag, multiple: refused.append(tag))
+        channel.confirm_select()
+        producer = Producer(channel)
+        for sent, body in enumerate(bodies, 1):
             app.send_task(task, args=[body], queue=queue, producer=producer)
+            while sent - confirmed[0] >= CONFIRM_WINDOW:
+                conn.drain_events(timeout=30)
+        while confirmed[0] < len(bodies) and not refused:
+            conn.drain_events(timeout=30)
+        if refused:
+            raise RuntimeError(f"RabbitMQ refused {len(refused)} publishes (first tag {refused[0]})")
+    return time.monotonic() - started
+
+
+def publish_alone(env: Environment, bodies: list[dict[str, Any]]) -> float:
+    """The bench's publisher alone, no worker running: record_payment messages per second until the
+    broker had them all (then they are purged). End to end must stay well below it, or the
+    publisher and not the worker is what end to end measures."""
+    env.purge()
+    seconds = publish("invoices.record_payment", bodies, "invoices.payments")
+    env.purge()
+    return len(bodies) / seconds
 
 
 def ceiling_a(env: Environment, count: int, concurrency: int) -> dict[str, float]:
@@ -111,18 +152,18 @@ def ceiling_b(env: Environment, numbers: list[str], seconds: float) -> dict[str,
     return {"rate": done / (time.monotonic() - started), "statements": len(statements)}
 
 
-def publish_payments_until_applied(env: Environment, bodies: list[dict[str, Any]]) -> float:
+def publish_payments_until_applied(env: Environment, bodies: list[dict[str, Any]]) -> tuple[float, float]:
     """Publish record_payment bodies and wait until each has its inbox record and was acknowledged;
-    return when publishing began (monotonic)."""
+    return when publishing began (monotonic) and how long publishing took."""
     applied = "SELECT count(*) FROM inbox WHERE task = 'invoices.record_payment'"
     # Ceiling B's loop wrote inbox rows of the same task: count from here, not from zero, or the
     # part would end (and leave messages queued for the next one) before its own were applied.
     before = env.sql(applied)[0][0]
     started = time.monotonic()
-    publish("invoices.record_payment", bodies, "invoices.payments")
+    published = publish("invoices.record_payment", bodies, "invoices.payments")
     wait(lambda: env.sql(applied)[0][0] >= before + len(bodies), 300, interval=0.1)
     wait(env.queue_drained, 30)
-    return started
+    return started, published
 
 
 def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
@@ -135,11 +176,12 @@ def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
     try:
         cpu_before = sum(p.cpu_seconds() for p in procs)
         with PeakMemory(*procs) as memory:
-            started = publish_payments_until_applied(env, bodies)
+            started, published = publish_payments_until_applied(env, bodies)
             done = wait(lambda: env.sql("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0] == 0, 120)
         cpu = sum(p.cpu_seconds() for p in procs) - cpu_before
         return {"rate": len(bodies) / (done - started), "seconds": done - started, "pss_mb": memory.mb,
-                "rss_mb": memory.rss_mb, "worker_cpu_us": cpu / len(bodies) * 1e6}
+                "rss_mb": memory.rss_mb, "worker_cpu_us": cpu / len(bodies) * 1e6,
+                "publish_rate": len(bodies) / published}
     finally:
         rel.stop()
         for each in procs:
@@ -262,3 +304,32 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
             rel.stop()
             proc.stop()
 
+
+
+def hot_invoice(env: Environment, numbers: list[str], count: int, concurrency: int) -> dict[str, Any]:
+    """`count` payments to one invoice (a customer paying in instalments through many channels)
+    against the same count spread over `numbers`, end to end with batching on; then the checks:
+    every payment applied once (one payment row and one payment.recorded event per message, the
+    amount paid up by exactly their sum) and the invoice's event sequence gap-free."""
+    from decimal import Decimal
+
+    spread = end_to_end(env, payment_bodies(numbers, count), concurrency)
+    hot_number = setup_invoices(env, 1, prefix="HOT")[0]
+    invoice_id, paid_before = env.sql("SELECT id, amount_paid FROM invoices WHERE tenant_id = 'bench' AND "
+                                      "invoice_number = %s", (hot_number,))[0]
+    bodies = payment_bodies([hot_number], count)
+    hot = end_to_end(env, bodies, concurrency)
+    ids = [b["messageId"] for b in bodies]
+    payments_made = env.sql("SELECT count(*) FROM payments WHERE invoice_id = %s", (invoice_id,))[0][0]
+    events = env.sql("SELECT count(*), count(DISTINCT causation_id) FROM outbox WHERE type = 'payment.recorded' "
+                     "AND causation_id = ANY(%s)", (ids,))[0]
+    paid, sequence = env.sql("SELECT amount_paid, event_sequence FROM invoices WHERE id = %s", (invoice_id,))[0]
+    sequences = [row[0] for row in env.sql("SELECT sequence FROM outbox WHERE invoice_id = %s ORDER BY sequence",
+                                           (invoice_id,))]
+    checks = {
+        "applied once": payments_made == count and tuple(events) == (count, count)
+        and paid - paid_before == Decimal("1.00") * count,
+        "gap-free": sequences == list(range(1, sequence + 1)),
+    }
+    retried = env.sql("SELECT count(*) FROM inbox WHERE message_id = ANY(%s) AND outcome <> 'applied'", (ids,))[0][0]
+    return {"spread": spread, "hot": hot, "checks": checks, "not_applied": retried}

@@ -399,3 +399,43 @@ def test_forged_copies_of_another_tenants_task_id_do_not_make_its_message_worker
     client.lpush("invoices.payments", redelivered(body))  # the victim's own, redelivered once
     assert wait_outcome(victim_tenant, body["messageId"], timeout=60)["outcome"] == "applied"
     assert dead_letters_of(body["messageId"]) == []
+
+
+@pytest.mark.skipif(not os.environ.get("BROKER_URL", "").startswith("amqp"),
+                    reason="AMQP's multiple acknowledgement (the Redis transport acknowledges a batch in one round trip)")
+def test_one_acknowledgement_per_batch_never_acknowledges_an_earlier_delivery_of_another(broker):
+    """worker/brokers/amqp_transport.py: a batch's deliveries go in one multiple acknowledgement when
+    no earlier delivery of the channel is unsettled; one held by something else (another batch, a
+    message still running) stays unacknowledged, and comes back when the channel closes."""
+    from kombu import Connection, Consumer, Exchange, Queue
+
+    from worker.brokers.amqp_transport import TRANSPORT
+
+    name = f"test-acks-{uuid.uuid4().hex[:6]}"
+    with Connection(broker, transport=TRANSPORT) as conn:
+        queue = Queue(name, Exchange(name, type="direct"), routing_key=name, auto_delete=False)
+        with conn.Producer() as producer:
+            for i in range(6):
+                producer.publish({"n": i}, exchange=queue.exchange, routing_key=name, declare=[queue])
+        channel = conn.channel()
+        got: list[Any] = []
+        with Consumer(channel, [queue], callbacks=[lambda body, message: got.append(message)], prefetch_count=6):
+            wait_for(lambda: conn.drain_events(timeout=1) or len(got) == 6, 20, what="six deliveries")
+            tags = [m.delivery_tag for m in got]
+            frames: list[tuple[int, bool]] = []
+            plain = type(channel).basic_ack  # the transport's own, which forgets what it settles
+            channel.basic_ack = lambda tag, multiple=False, *a, **k: (frames.append((tag, multiple)),
+                                                                      plain(channel, tag, multiple, *a, **k))[1]
+            assert list(channel.unsettled) == tags, (channel.unsettled, tags)
+            # The second and third while the first is unsettled: two single acknowledgements.
+            type(channel).basic_ack_many(channel, tags[1:3])
+            assert frames == [(tags[1], False), (tags[2], False)]
+            got[0].ack()  # the first now settled: the rest but the last in one frame
+            frames.clear()
+            type(channel).basic_ack_many(channel, tags[3:5])
+            assert frames == [(tags[4], True)]
+            assert list(channel.unsettled) == [tags[5]]
+        channel.close()  # the last was never acknowledged: it goes back to the queue, alone
+        with conn.channel() as check:
+            assert check.queue_declare(name, passive=True).message_count == 1
+            check.queue_delete(name)

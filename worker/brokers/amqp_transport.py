@@ -1,0 +1,73 @@
+"""kombu's py-amqp transport with one acknowledgement per batch (RabbitMQ).
+
+A batch of 100 payments was acknowledged with 100 `basic.ack` frames, each a write to the socket
+and a frame for RabbitMQ to parse. AMQP acknowledges many deliveries with one frame
+(`multiple=True`: every unsettled delivery of the channel up to that tag), but only where no
+earlier delivery of the channel is still unsettled: one in another batch still being applied, a
+message of Celery's ordinary path still running, an import. So the channel remembers its
+unsettled delivery tags (every message handed to a consumer that acknowledges, in delivery order,
+as RabbitMQ numbers them) and forgets each when it is acknowledged or handed back.
+`basic_ack_many` (worker/delivery/batching.py acknowledge) then sends one multiple
+acknowledgement up to the batch's highest tag when every earlier unsettled tag belongs to the
+batch; else one for the batch's leading run and one frame for each of the others. Nothing is
+acknowledged that the batch does not hold, so the poison count and every hand-back are as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.transport import pyamqp
+
+
+class Channel(pyamqp.Channel):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The deliveries not yet acknowledged or handed back, in delivery (= tag) order.
+        self.unsettled: dict[int, None] = {}
+
+    def message_to_python(self, raw_message: Any) -> Any:
+        info = raw_message.delivery_info or {}
+        if info.get("consumer_tag") not in self.no_ack_consumers:
+            self.unsettled[raw_message.delivery_tag] = None
+        return super().message_to_python(raw_message)
+
+    def basic_ack(self, delivery_tag: int, multiple: bool = False, *args: Any, **kwargs: Any) -> Any:
+        if multiple:
+            for tag in [t for t in self.unsettled if t <= delivery_tag]:
+                del self.unsettled[tag]
+        else:
+            self.unsettled.pop(delivery_tag, None)
+        return super().basic_ack(delivery_tag, multiple, *args, **kwargs)
+
+    def basic_reject(self, delivery_tag: int, requeue: bool, *args: Any, **kwargs: Any) -> Any:
+        self.unsettled.pop(delivery_tag, None)
+        return super().basic_reject(delivery_tag, requeue, *args, **kwargs)
+
+    def basic_recover(self, requeue: bool = False) -> Any:
+        self.unsettled.clear()
+        return super().basic_recover(requeue)
+
+    def basic_ack_many(self, delivery_tags: list[int]) -> None:
+        """Acknowledge these deliveries with as few frames as the channel allows (module docstring)."""
+        wanted = set(delivery_tags)
+        # The first unsettled delivery that is not the batch's: a multiple ack must stay below it.
+        barrier = next((tag for tag in self.unsettled if tag not in wanted), None)
+        leading = sorted(tag for tag in wanted if barrier is None or tag < barrier)
+        if len(leading) > 1:
+            self.basic_ack(leading[-1], multiple=True)
+        elif leading:
+            self.basic_ack(leading[0])
+        for tag in sorted(wanted.difference(leading)):
+            self.basic_ack(tag)
+
+
+class Connection(pyamqp.Connection):
+    Channel = Channel
+
+
+class Transport(pyamqp.Transport):
+    Connection = Connection
+
+
+TRANSPORT = f"{__name__}:Transport"
