@@ -39,7 +39,7 @@ import psycopg
 from celery import signals
 from kombu.serialization import loads
 from pydantic import BaseModel
-from sqlalchemy import delete, func, or_, select, tuple_
+from sqlalchemy import delete, func, or_, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, selectinload
@@ -571,10 +571,18 @@ def _invoice_key(item: Item) -> tuple[str, Any, Any] | None:
     return None
 
 
+# How long a batch waits for an invoice another transaction holds before its messages leave the
+# batch: another batch holds its invoices for the few tens of milliseconds it takes to apply, and a
+# hot invoice (one customer paying in instalments through many channels) is in every batch; a long
+# import holds its invoices for seconds, longer than this.
+HELD_WAIT_MS = 500
+
+
 def _load_and_lock(session: Session, items: list[Item]) -> tuple[Preloaded, set[tuple[str, Any, Any]]]:
     """Every invoice the batch's messages name, locked in id order, skipping those another
-    transaction holds (a long import, an operator's transaction): waiting for one made every
-    message of the batch wait LOCK_TIMEOUT_MS, eight times, then go back whole. Returned beside
+    transaction holds; those are then waited for, HELD_WAIT_MS at most (another batch's commit),
+    and the ones still held (a long import, an operator's transaction: waiting for one made every
+    message of the batch wait LOCK_TIMEOUT_MS, eight times, then go back whole) are returned beside
     them: the keys of the invoices that exist but were held, whose messages leave the batch.
     Their payments are loaded with them only when a message of the batch reads payments; a batch of
     offline payments reads just the ids of the payments the invoices have (for its duplicate
@@ -586,18 +594,24 @@ def _load_and_lock(session: Session, items: list[Item]) -> tuple[Preloaded, set[
             (by_id if key[1] == "id" else by_number).add((key[0], key[2]))
     if not by_number and not by_id:
         return Preloaded([]), set()
-    query = select(Invoice).where(_addressed(by_number, by_id)).order_by(Invoice.id).with_for_update(
-        of=Invoice, skip_locked=True)
-    if any(item.entry.task not in RECORDS_ONLY for item in items):
-        invoices = list(session.scalars(query.options(selectinload(Invoice.payments))))
+    with_payments = any(item.entry.task not in RECORDS_ONLY for item in items)
+
+    def locked(skip: bool) -> list[Invoice]:
+        query = select(Invoice).where(_addressed(by_number, by_id)).order_by(Invoice.id).with_for_update(
+            of=Invoice, skip_locked=skip)
+        return list(session.scalars(query.options(selectinload(Invoice.payments)) if with_payments else query))
+
+    invoices = locked(True)
+    _forget(invoices, by_number, by_id)
+    if by_number or by_id:  # held by another transaction, or not there: wait a moment for the held ones
+        invoices.extend(_waited(session, lambda: locked(False)))
+        _forget(invoices, by_number, by_id)
+    if with_payments:
         preloaded = Preloaded(invoices)
     else:
-        invoices = list(session.scalars(query))
         rows = session.connection().execute(select(PAYMENTS.c.invoice_id, PAYMENTS.c.payment_id).where(
             PAYMENTS.c.invoice_id.in_([invoice.id for invoice in invoices]))) if invoices else []
         preloaded = Preloaded(invoices, {(row.invoice_id, row.payment_id) for row in rows})
-    by_number -= {(i.tenant_id, i.invoice_number) for i in invoices}
-    by_id -= {(i.tenant_id, i.id) for i in invoices}
     if not by_number and not by_id:
         return preloaded, set()
     # Not locked: held elsewhere, or not there at all (a message out of order). Read without a lock.
@@ -609,6 +623,28 @@ def _load_and_lock(session: Session, items: list[Item]) -> tuple[Preloaded, set[
         if (tenant, number) in by_number:
             held.add((tenant, "number", number))
     return preloaded, held
+
+
+def _forget(invoices: list[Invoice], by_number: set[tuple[str, str]], by_id: set[tuple[str, Any]]) -> None:
+    by_number -= {(i.tenant_id, i.invoice_number) for i in invoices}
+    by_id -= {(i.tenant_id, i.id) for i in invoices}
+
+
+def _waited(session: Session, lock: Callable[[], list[Invoice]]) -> list[Invoice]:
+    """The invoices `lock` locks waiting HELD_WAIT_MS at most, in a savepoint: when the wait runs
+    out (or meets a deadlock) only the savepoint rolls back, and the invoices count as held."""
+    savepoint = session.begin_nested()
+    try:
+        session.execute(text(f"SET LOCAL lock_timeout = {HELD_WAIT_MS}"))
+        invoices = lock()
+        session.execute(text(f"SET LOCAL lock_timeout = {settings().lock_timeout_ms}"))
+        savepoint.commit()
+        return invoices
+    except (DBAPIError, psycopg.Error) as exc:
+        if _sqlstate(exc) not in CONFLICT_SQLSTATES:
+            raise
+        savepoint.rollback()  # the lock_timeout set inside it goes with it
+        return []
 
 
 def _addressed(by_number: set[tuple[str, str]], by_id: set[tuple[str, Any]]) -> Any:
