@@ -37,28 +37,12 @@ def payment_bodies(numbers: list[str], count: int) -> list[dict[str, Any]]:
 
 # RabbitMQ: how many publishes may await their confirmation at once.
 CONFIRM_WINDOW = 2000
-# Publisher processes, on both brokers: one process building Celery messages was the limit of
-# RabbitMQ's end to end (its publisher alone ~1.9× end to end on a loaded machine).
-PUBLISHERS = 2
 
 
-def publish(task: str, bodies: list[Any], queue: str, processes: int = PUBLISHERS) -> float:
-    """Publish the bodies as Celery does, from `processes` processes at once; return how long it took
-    until the broker had them all."""
-    import multiprocessing
-
+def publish(task: str, bodies: list[Any], queue: str) -> float:
+    """Publish the bodies as Celery does; return how long it took until the broker had them all."""
     started = time.monotonic()
-    if processes <= 1 or len(bodies) < 1000:
-        _publish(task, bodies, queue)
-        return time.monotonic() - started
-    context = multiprocessing.get_context("fork")
-    procs = [context.Process(target=_publish, args=(task, bodies[i::processes], queue)) for i in range(processes)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
-    if any(proc.exitcode for proc in procs):
-        raise RuntimeError("a publisher process failed")
+    _publish(task, bodies, queue)
     return time.monotonic() - started
 
 
