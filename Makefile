@@ -1,18 +1,33 @@
-# The README's commands. Each one creates .venv when missing and installs the project.
-# (The install prints setuptools' "BuildBackendWarning: Editable installation": information that an
-# editable install finds the packages in this directory, which is what it is for; harmless.)
+# The README's commands. Each one creates .venv when missing and installs the project from the lock
+# (uv.lock: every package's exact version and hashes; `make lock` refreshes it, `make outdated` shows
+# what a refresh would change). uv itself comes from PyPI into the venv, at the version below.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+UV_VERSION := 0.13.9
+UV := $(BIN)/uv
 
-.PHONY: run test test-rabbitmq test-rabbitmq-quorum bench bench-brokers migrate clean
+.PHONY: run test test-oldest test-rabbitmq test-rabbitmq-quorum bench bench-brokers migrate lock outdated clean
 
-$(STAMP): pyproject.toml
+$(UV):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
+
+# --frozen: install exactly what uv.lock holds (fails rather than re-resolve); --inexact: keep pip and uv.
+$(STAMP): pyproject.toml uv.lock $(UV)
+	$(UV) sync --quiet --frozen --inexact --extra test --extra bench
 	touch $(STAMP)
+
+# Re-resolve every package to the newest version pyproject.toml allows, and write uv.lock.
+lock: $(UV)
+	$(UV) lock --upgrade
+
+# What `make lock` would change (the lock against the newest allowed), then the direct dependencies
+# against the newest released (beyond the declared ranges too).
+outdated: $(UV)
+	$(UV) lock --upgrade --dry-run
+	$(UV) tree --frozen --outdated --depth 1
 
 run: $(STAMP)
 	$(BIN)/invoice-worker run
@@ -41,4 +56,4 @@ migrate: $(STAMP)
 	$(BIN)/invoice-worker migrate
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache
+	rm -rf $(VENV) .venv-oldest .data .pytest_cache
