@@ -1,6 +1,6 @@
 """Tracing (worker/operations/tracing.py) across real processes: a payment published with a W3C
 `traceparent` in its Celery headers, applied in a batch by a worker whose spans the SDK's console
-exporter writes to its log (OTEL_TRACES_EXPORTER=console), and its event published by the relay
+exporter writes to its stdout, its log (OTEL_TRACES_EXPORTER=console), and its event published by the relay
 with the traceparent of the payment's span as a message header."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ TRACED = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "invoice-worke
 
 
 def spans_in(log: str) -> list[dict[str, Any]]:
-    """The spans the console exporter wrote into a worker's log (indented JSON objects; Celery
-    prefixes the first line of each with its log line's head)."""
+    """The spans the console exporter wrote into a worker's log (indented JSON objects, between its
+    log lines)."""
     decoder = json.JSONDecoder()
     spans = []
     for match in re.finditer(r'\{\n\s+"name": ', log):

@@ -68,6 +68,13 @@ def _exporters() -> list[Any]:
             protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
                         or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
             name = "otlp_proto_http" if protocol.startswith("http") else "otlp_proto_grpc"
+        if name == "console":  # the process's own stdout: Celery's worker makes sys.stdout a logger
+            import sys
+
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            found.append(ConsoleSpanExporter(out=sys.__stdout__))
+            continue
         points = entry_points(group="opentelemetry_traces_exporter", name=name)
         if not points:
             log.error("tracing: no span exporter named %r (OTEL_TRACES_EXPORTER); spans of this process are dropped", name)
@@ -80,21 +87,25 @@ def setup(processor: Any = None) -> bool:
     """Start tracing in this process when the environment asks for it (a pool process after its fork:
     the batch processor's thread must be this process's). `processor`: a span processor of the
     caller's instead of the exporters' (`make bench`'s in-memory exporter)."""
-    global _on, _tracer, _provider
+    global _on, _tracer, _provider, _api, _context, _propagator
     if _on or not (wanted() or processor is not None):
         return _on
-    from opentelemetry import trace
+    from opentelemetry import context, trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": "invoice-worker"}
     _provider = TracerProvider(resource=Resource.create(attributes))
     for part in [processor] if processor is not None else [BatchSpanProcessor(e) for e in _exporters()]:
         _provider.add_span_processor(part)
-    trace.set_tracer_provider(_provider)
+    if processor is None:
+        trace.set_tracer_provider(_provider)
     _tracer = _provider.get_tracer("invoice-worker")
-    _connect()
+    _api, _context, _propagator = trace, context, TraceContextTextMapPropagator()
+    if not _connected:
+        _connect()
     _on = True
     return True
 
@@ -107,10 +118,22 @@ def shutdown() -> None:
     _on = False
 
 
+_connected = False
+_api: Any = None  # opentelemetry.trace, once on
+_context: Any = None  # opentelemetry.context, once on
+_propagator: Any = None
+
+
 def _connect() -> None:
+    global _connected
     signals.task_prerun.connect(_task_started, weak=False)
     signals.task_postrun.connect(_task_ended, weak=False)
-    signals.worker_process_shutdown.connect(lambda **_: shutdown(), weak=False)
+    signals.worker_process_shutdown.connect(_process_ends, weak=False)
+    _connected = True
+
+
+def _process_ends(**_: Any) -> None:
+    shutdown()
 
 
 def carried(headers: dict[str, Any] | None) -> dict[str, str]:
@@ -120,27 +143,31 @@ def carried(headers: dict[str, Any] | None) -> dict[str, str]:
     return {k: str(headers[k]) for k in CONTEXT_HEADERS if headers.get(k)}
 
 
-def _parent(carrier: dict[str, Any]) -> Any:
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    return TraceContextTextMapPropagator().extract({k: str(v) for k, v in carrier.items() if v is not None})
+def _parent(traceparent: Any, tracestate: Any) -> Any:
+    """The publisher's context (None: the message starts a trace of its own)."""
+    if not traceparent:
+        return None
+    carrier = {"traceparent": str(traceparent)}
+    if tracestate:
+        carrier["tracestate"] = str(tracestate)
+    return _propagator.extract(carrier)
 
 
 def traceparent() -> str | None:
     """The `traceparent` of the current span (what this message's events carry); None when off."""
     if not _on:
         return None
-    return _traceparent_of(None)
+    return traceparent_of(_api.get_current_span())
 
 
-def _traceparent_of(span: Any) -> str | None:
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    carrier: dict[str, str] = {}
-    context = trace.set_span_in_context(span) if span is not None else None
-    TraceContextTextMapPropagator().inject(carrier, context=context)
-    return carrier.get("traceparent")
+def traceparent_of(span: Any) -> str | None:
+    """What the message's events carry: the `traceparent` of its span (None when off or not recording)."""
+    if span is None:
+        return None
+    context = span.get_span_context()
+    if not context.is_valid:
+        return None
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
 def _message_attributes(task: str, task_id: str | None, body: Any) -> dict[str, Any]:
@@ -148,9 +175,11 @@ def _message_attributes(task: str, task_id: str | None, body: Any) -> dict[str, 
     if task_id:
         attributes["messaging.message.id"] = task_id
     if isinstance(body, dict):
-        for key, name in (("tenantId", "invoice.tenant"), ("messageId", "invoice.message_id")):
-            if isinstance(body.get(key), str):
-                attributes[name] = body[key]
+        tenant, message_id = body.get("tenantId"), body.get("messageId")
+        if isinstance(tenant, str):
+            attributes["invoice.tenant"] = tenant
+        if isinstance(message_id, str):
+            attributes["invoice.message_id"] = message_id
     return attributes
 
 
@@ -158,22 +187,17 @@ def _message_attributes(task: str, task_id: str | None, body: Any) -> dict[str, 
 
 
 def _task_started(task_id: str | None = None, task: Any = None, args: tuple = (), **_: Any) -> None:
-    from opentelemetry import context as otel_context
-    from opentelemetry import trace
-
-    if not task_id or task is None:
+    if not _on or not task_id or task is None:
         return
     request = task.request
-    parent = _parent({k: getattr(request, k, None) for k in CONTEXT_HEADERS})
-    span = _tracer.start_span(f"apply {task.name}", context=parent, kind=trace.SpanKind.CONSUMER,
+    parent = _parent(getattr(request, "traceparent", None), getattr(request, "tracestate", None))
+    span = _tracer.start_span(f"apply {task.name}", context=parent, kind=_api.SpanKind.CONSUMER,
                               attributes=_message_attributes(task.name, task_id, args[0] if args else None))
-    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    token = _context.attach(_api.set_span_in_context(span, parent))
     _running[task_id] = (span, token)
 
 
 def _task_ended(task_id: str | None = None, retval: Any = None, state: str | None = None, **_: Any) -> None:
-    from opentelemetry import context as otel_context
-
     running = _running.pop(task_id, None) if task_id else None
     if running is None:
         return
@@ -184,7 +208,7 @@ def _task_ended(task_id: str | None = None, retval: Any = None, state: str | Non
         outcome = "retried" if state == "RETRY" else "dead-lettered"
     span.set_attribute("invoice.outcome", outcome)
     span.end()
-    otel_context.detach(token)
+    _context.detach(token)
 
 
 # ---------------------------------------------------------------- a batch (worker/delivery/batching.py)
@@ -209,18 +233,11 @@ def message_span(task: str, task_id: str, headers: dict[str, Any], body: Any) ->
     linked to the batch's span; None when off. End it with `ended`."""
     if not _on:
         return None
-    from opentelemetry import trace
-
-    batch_span = trace.get_current_span()
-    links = [trace.Link(batch_span.get_span_context())] if batch_span.get_span_context().is_valid else []
-    return _tracer.start_span(f"apply {task}", context=_parent({k: headers.get(k) for k in CONTEXT_HEADERS}),
-                              kind=trace.SpanKind.CONSUMER, links=links,
+    batch_context = _api.get_current_span().get_span_context()
+    return _tracer.start_span(f"apply {task}", context=_parent(headers.get("traceparent"), headers.get("tracestate")),
+                              kind=_api.SpanKind.CONSUMER,
+                              links=(_api.Link(batch_context),) if batch_context.is_valid else None,
                               attributes=_message_attributes(task, task_id, body))
-
-
-def traceparent_of(span: Any) -> str | None:
-    """What the message's events carry: the `traceparent` of its span (None when off)."""
-    return _traceparent_of(span) if span is not None else None
 
 
 def ended(span: Any, outcome: str) -> None:
