@@ -12,7 +12,9 @@ import time
 import uuid
 from typing import Any
 
-from tests.conftest import EventCollector, new_tenant, wait_for, wait_outcome
+import pytest
+
+from tests.conftest import EventCollector, new_tenant, order_body, wait_for, wait_outcome
 from tests.end_to_end.test_batching import BatchWorker
 from tests.end_to_end.test_delivery import issued_invoice, payment
 
@@ -101,3 +103,33 @@ def test_a_payment_s_trace_runs_from_its_publisher_through_its_batch_to_its_even
     finally:
         worker.close()
         collector.close()
+
+
+@pytest.mark.skipif(not os.environ.get("BROKER_URL", "").startswith("amqp"),
+                    reason="the plain-JSON ingress is RabbitMQ's")
+def test_the_plain_json_ingress_continues_the_publisher_s_trace(running, processes, broker):
+    import amqp
+
+    from tests.conftest import isolated_broker_url
+    from tests.end_to_end.test_ingress import plain_connection
+
+    url = isolated_broker_url(broker)  # a worker of its own: the shared one would take the message too
+    worker = processes.worker(concurrency=1, extra_env={"BROKER_URL": url, **TRACED})
+    tenant = new_tenant("t-trace-plain")
+    order = order_body(tenant=tenant)
+    trace_id, parent_span = uuid.uuid4().hex, os.urandom(8).hex()
+    conn = plain_connection(url)
+    try:
+        message = amqp.Message(json.dumps(order).encode(), content_type="application/json", delivery_mode=2,
+                               application_headers={"traceparent": f"00-{trace_id}-{parent_span}-01"})
+        conn.channel().basic_publish(message, exchange="invoices.ingress", routing_key="invoices.order_shipped")
+    finally:
+        conn.close()
+    assert wait_outcome(tenant, order["messageId"])["outcome"] == "applied"
+
+    def applied() -> list[dict[str, Any]]:
+        return [s for s in spans_in(worker.log.read_text()) if s["name"] == "apply invoices.order_shipped"
+                and s["attributes"].get("invoice.message_id") == order["messageId"]]
+
+    [span] = wait_for(applied, 30, what="the order's span in the worker's log")
+    assert span["context"]["trace_id"] == f"0x{trace_id}" and span["parent_id"] == f"0x{parent_span}"

@@ -372,7 +372,8 @@ def _send_again(item: Item) -> bool:
         current_app.send_task(item.entry.task, args=[item.body], task_id=item.entry.delivery_id,
                               queue=queue_for(item.entry.task), retries=retries + 1,
                               countdown=backoff(retries) if item.deferred else None,
-                              root_id=headers.get("root_id"), parent_id=headers.get("parent_id"))
+                              root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
+                              headers=tracing.carried(headers) or None)
     except Exception as exc:  # noqa: BLE001 - the broker is away: it gets the message back instead
         log.warning("could not send %s %s again (%s: %s); handing it back", item.entry.task, item.entry.delivery_id,
                     type(exc).__name__, exc)
