@@ -144,9 +144,10 @@ def carried(headers: dict[str, Any] | None) -> dict[str, str]:
 
 
 def _parent(traceparent: Any, tracestate: Any) -> Any:
-    """The publisher's context (None: the message starts a trace of its own)."""
+    """The publisher's context; without one, an empty context: the message starts a trace of its own
+    (not a child of whatever is current, such as its batch's span)."""
     if not traceparent:
-        return None
+        return _context.Context()
     carrier = {"traceparent": str(traceparent)}
     if tracestate:
         carrier["tracestate"] = str(tracestate)
