@@ -105,6 +105,41 @@ def test_a_payment_s_trace_runs_from_its_publisher_through_its_batch_to_its_even
         collector.close()
 
 
+def test_a_message_applied_alone_continues_its_publisher_s_trace_to_its_event(running, processes, broker):
+    """Batching off (APPLY_BATCH_SIZE=1): the span of Celery's own run of the task."""
+    from tests.conftest import OwnWorker, _flush_broker_database, own_broker_url
+
+    collector = EventCollector(broker, routing_key="payment.recorded")
+    url = own_broker_url(broker)
+    _flush_broker_database(url)
+    worker = OwnWorker(processes, url, {"APPLY_BATCH_SIZE": "1", **TRACED})
+    try:
+        tenant = new_tenant("t-trace-alone")
+        number = issued_invoice(tenant)["invoiceNumber"]
+        trace_id, parent_span = uuid.uuid4().hex, os.urandom(8).hex()
+        body = payment(tenant, number, "7.00")
+        from worker.brokers.topology import queue_for
+
+        task_id = worker.publisher.send_task("invoices.record_payment", args=[body], queue=queue_for("invoices.record_payment"),
+                                             headers={"traceparent": f"00-{trace_id}-{parent_span}-01"}).id
+        assert wait_outcome(tenant, body["messageId"])["outcome"] == "applied"
+
+        def applied() -> list[dict[str, Any]]:
+            return [s for s in spans_in(worker.log) if s["attributes"].get("invoice.message_id") == body["messageId"]]
+
+        [span] = wait_for(applied, 30, what="the payment's span in the worker's log")
+        assert span["name"] == "apply invoices.record_payment" and not span["links"]
+        assert span["context"]["trace_id"] == f"0x{trace_id}" and span["parent_id"] == f"0x{parent_span}"
+        assert (span["attributes"]["invoice.outcome"], span["attributes"]["messaging.message.id"]) == ("applied", task_id)
+        headers = event_headers(collector, body["messageId"])
+        assert headers["traceparent"] == f"00-{trace_id}-{span['context']['span_id'][2:]}-01"
+    finally:
+        worker.close()
+        processes.stop(worker.proc)
+        _flush_broker_database(url)
+        collector.close()
+
+
 @pytest.mark.skipif(not os.environ.get("BROKER_URL", "").startswith("amqp"),
                     reason="the plain-JSON ingress is RabbitMQ's")
 def test_the_plain_json_ingress_continues_the_publisher_s_trace(running, processes, broker):
