@@ -249,4 +249,7 @@ def ended(span: Any, outcome: str) -> None:
 
 @signals.worker_process_init.connect
 def _pool_process_started(**_: Any) -> None:
-    setup()
+    try:
+        setup()
+    except Exception:  # a wrong OTEL_* value must not stop a pool process from applying messages
+        log.exception("tracing: could not start; this process applies its messages untraced")
