@@ -36,15 +36,15 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # The lowest versions pyproject.toml allows of the libraries the worker leans on (tests/oldest.txt:
-# celery, kombu, redis, SQLAlchemy, psycopg, pydantic; the rest resolves to the newest allowed), in a
-# venv of their own, on the tests that exercise them: unit, integration, the Redis transport's reads
-# and the batching (which uses Celery's consumer internals).
+# celery, kombu, redis, SQLAlchemy, psycopg, pydantic, OpenTelemetry; the rest resolves to the newest
+# allowed), in a venv of their own, on the tests that exercise them: unit, integration, the Redis
+# transport's reads, the batching (which uses Celery's consumer internals) and tracing.
 OLDEST := .venv-oldest
 test-oldest: $(UV)
 	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
 	$(UV) pip install --quiet --python $(OLDEST)/bin/python --constraint tests/oldest.txt -e '.[test]'
 	$(OLDEST)/bin/python -m pytest tests/unit tests/integration tests/faults/test_lost_read.py \
-		tests/end_to_end/test_batching.py tests/faults/test_batch_commit.py $(PYTEST_ARGS)
+		tests/end_to_end/test_batching.py tests/faults/test_batch_commit.py tests/end_to_end/test_tracing.py $(PYTEST_ARGS)
 
 # The end-to-end and fault suites on a throwaway RabbitMQ node (installed with apt-get when missing).
 test-rabbitmq: $(STAMP)
