@@ -14,12 +14,15 @@ $(UV):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv==$(UV_VERSION)
 
-# --frozen: install exactly what uv.lock holds (fails rather than re-resolve); --inexact: keep pip and uv.
+# --locked: install exactly what uv.lock holds, and fail when pyproject.toml asks for something the
+# lock does not hold (after a dependency is added: `.venv/bin/uv lock`, or `make lock`); --inexact:
+# keep pip and uv.
 $(STAMP): pyproject.toml uv.lock $(UV)
-	$(UV) sync --quiet --frozen --inexact --extra test --extra bench
+	$(UV) sync --quiet --locked --inexact --extra test --extra bench
 	touch $(STAMP)
 
-# Re-resolve every package to the newest version pyproject.toml allows, and write uv.lock.
+# Re-resolve every package to the newest version pyproject.toml allows, and write uv.lock (review the
+# diff; `.venv/bin/uv lock` alone changes only what pyproject.toml's changes need).
 lock: $(UV)
 	$(UV) lock --upgrade
 
