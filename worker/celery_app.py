@@ -128,7 +128,7 @@ def _warn_unsigned_callbacks(**_: object) -> None:
 
 
 # What operators see: log format and redaction, metrics, /healthz and /readyz (Celery signals).
-from worker.operations import logs, telemetry  # noqa: E402,F401
+from worker.operations import logs, telemetry, tracing  # noqa: E402,F401
 
 
 def publishing_app() -> Celery:

@@ -58,7 +58,12 @@ def pipelined(producer: Producer) -> bool:
     return isinstance(producer.channel, kombu_redis.Channel)
 
 
-def publish_pipelined(producer: Producer, events: list[tuple[dict, str, str | None]]) -> None:
+def trace_headers(traceparent: str | None) -> dict[str, str]:
+    """An event's message headers: the traceparent of the message span that wrote it, when traced."""
+    return {"traceparent": traceparent} if traceparent else {}
+
+
+def publish_pipelined(producer: Producer, events: list[tuple[dict, str, str | None, str | None]]) -> None:
     """Redis: publish a batch of events with one round trip. Each message is built exactly as
     kombu's Producer.publish builds it (JSON, persistent, the event id as message_id), and routed
     as kombu's topic exchange routes it (the bindings read once per routing key and batch); the
@@ -67,9 +72,9 @@ def publish_pipelined(producer: Producer, events: list[tuple[dict, str, str | No
     routes: dict[str, list[str]] = {}
     with channel.conn_or_acquire() as client:
         pipe = client.pipeline(transaction=False)
-        for payload, routing_key, message_id in events:
+        for payload, routing_key, message_id, traceparent in events:
             body, content_type, content_encoding = producer._prepare(payload, "json", None, None, None, {})
-            message = channel.prepare_message(body, 0, content_type, content_encoding, {},
+            message = channel.prepare_message(body, 0, content_type, content_encoding, trace_headers(traceparent),
                                               {"delivery_mode": 2, "message_id": message_id})
             channel._inplace_augment_message(message, EVENTS_EXCHANGE.name, routing_key)
             if routing_key not in routes:
@@ -99,34 +104,34 @@ class Relay:
         producer.maybe_declare(EVENTS_EXCHANGE)
         with db.transaction():
             rows = db.execute(
-                "SELECT id, type, payload, octet_length(payload::text) FROM outbox "
+                "SELECT id, type, payload, octet_length(payload::text), traceparent FROM outbox "
                 "WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
                 (self.batch,),
             ).fetchall()
             published, types, parked, size = [], [], [], 0
             sendable = []
-            for id_, type_, payload, length in rows:
+            for id_, type_, payload, length, traceparent in rows:
                 if sendable and size + length > BATCH_BYTES:
                     break  # the rest waits for the next batch (still locked until this commit)
                 size += length
                 if length > MAX_EVENT_BYTES:
                     parked.append((id_, f"the event is {length} bytes; at most {MAX_EVENT_BYTES} are sent"))
                     continue
-                sendable.append((id_, type_, payload))
+                sendable.append((id_, type_, payload, traceparent))
             if sendable and self.pipeline and pipelined(producer):
                 try:
-                    publish_pipelined(producer, [(p, t, p.get("eventId")) for _, t, p in sendable])
+                    publish_pipelined(producer, [(p, t, p.get("eventId"), tp) for _, t, p, tp in sendable])
                 except kombu_redis.redis.ResponseError as exc:  # the server refused something: one by one,
                     log.warning("relay: a pipelined batch was refused (%s); publishing it event by event", exc)
                 else:  # (where a refused event is parked alone; the ones already pushed go again)
-                    published = [id_ for id_, _, _ in sendable]
-                    types = [type_ for _, type_, _ in sendable]
+                    published = [id_ for id_, _, _, _ in sendable]
+                    types = [type_ for _, type_, _, _ in sendable]
                     sendable = []
-            for id_, type_, payload in sendable:
+            for id_, type_, payload, traceparent in sendable:
                 try:
                     producer.publish(
                         payload, exchange=EVENTS_EXCHANGE, routing_key=type_, serializer="json", delivery_mode=2,
-                        message_id=payload.get("eventId"),
+                        message_id=payload.get("eventId"), headers=trace_headers(traceparent),
                         retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
                     )
                 except producer.connection.connection_errors + producer.connection.channel_errors:

@@ -61,6 +61,8 @@ class OutboxEvent(Base):
     sequence: Mapped[int | None] = mapped_column(Integer)
     causation_id: Mapped[str | None] = mapped_column(String(200))
     payload: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    # The W3C traceparent of the message span that wrote the event (tracing on), sent as its header.
+    traceparent: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("clock_timestamp()"))
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Set aside by the relay: the broker refused this event (or it is too large to send); it waits
