@@ -332,6 +332,7 @@ def create_app(tokens: dict[str, str], database_url: str, broker_url: str) -> St
         Route("/waiting", console.waiting),
         Route("/outbox/{id:int}/publish-again", console.publish_again, methods=["POST"]),
         Route("/audit", console.audit),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
     ]
     middleware = [Middleware(SessionMiddleware, secret_key=access.session_key(tokens), session_cookie="console_session",
                              max_age=12 * 3600, same_site="strict", https_only=False)]
