@@ -181,3 +181,44 @@ def test_an_invoice_timeline_lists_fifty_changes_oldest_first(running, page):
     assert "(new) →" in p.locator("#history tr").nth(1).inner_text()
     times = [t.split("\t")[1] for t in p.locator("#history tr").all_inner_texts()[1:]]
     assert times == sorted(times)
+
+
+def test_the_overview_shows_the_worker_and_relay_alive_by_their_heartbeats(running, page):
+    sign_in(page.page)
+    p = page.page
+    p.goto("/")
+    wait_for(lambda: p.reload() and "alive" == p.inner_text("#alive-relay .big"), 20, what="the relay's heartbeat")
+    assert p.inner_text("#alive-worker .big") == "alive"
+    assert p.locator("#queues tr").count() == 1 + 5  # the five queues, read without taking a message
+    assert p.locator("#chart polyline").count() == 3
+
+
+def test_without_a_token_the_console_is_read_only_and_stays_on_loopback(urls, tmp_path, running, browser):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.console.conftest import ConsoleProcess
+
+    refused = subprocess.run([sys.executable, "-m", "worker.cli", "console", "--address", "0.0.0.0"], cwd=ROOT,
+                             env={**{k: v for k, v in os.environ.items() if k != "CONSOLE_TOKEN"}, **urls},
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "without CONSOLE_TOKEN" in refused.stderr
+    letter = dead_letter("invoices.issue", {"messageId": "read-only", "tenantId": "t"})
+    console = ConsoleProcess(urls, tmp_path, token=None)
+    try:
+        context = browser.new_context(base_url=console.url)
+        p = context.new_page()
+        for path in ("/", "/dead-letters", f"/dead-letters/{letter}", "/audit"):
+            p.goto(path)
+            assert "Read-only" in p.inner_text("#read-only"), path
+        assert p.locator("#replay").count() == 0
+        csrf = p.locator("input[name=csrf]").count()  # no forms at all: nothing to post
+        assert csrf == 0
+        refused_post = context.request.post(f"/dead-letters/{letter}/discard", form={"csrf": "x"})
+        assert refused_post.status == 403 and "read-only" in refused_post.text()
+        context.close()
+    finally:
+        console.stop()
+    assert status_of([letter]) == {letter: "open"}

@@ -25,6 +25,9 @@ from worker.console import access, reads
 TEMPLATES = Path(__file__).parent / "templates"
 PAGE_SIZE = 50
 STATUSES = ("open", "replayed", "discarded", "all")
+# The list counts its matches up to this many (an exact count of 100,000 rows costs more than the
+# page); a bulk action's confirmation counts exactly.
+COUNT_CAP = 10_000
 
 
 class Console:
@@ -147,16 +150,17 @@ class Console:
         before = request.query_params.get("before")
         before_id = int(before) if before and before.isdigit() else None
 
-        def read() -> tuple[list[Any], int, list[tuple[str, int]]]:
+        def read() -> tuple[list[Any], int, list[str]]:
             rows = dead_letters.page(selection, before_id, PAGE_SIZE + 1)
-            return rows, dead_letters.count(selection)[0], dead_letters.by_reason()
+            return rows, dead_letters.count_up_to(selection, COUNT_CAP + 1), dead_letters.reasons()
 
         rows, matching, reasons = await run_in_threadpool(read)
         query = self._filter_query(selection)
         more = len(rows) > PAGE_SIZE
         rows = rows[:PAGE_SIZE]
         next_url = f"/dead-letters?{urlencode({**query, 'before': rows[-1].id})}" if more else None
-        return self.render(request, "dead_letters.html", rows=rows, matching=matching, reasons=reasons,
+        shown = f"{COUNT_CAP:,}+" if matching > COUNT_CAP else str(matching)
+        return self.render(request, "dead_letters.html", rows=rows, matching=shown, reasons=reasons,
                            query=query, next_url=next_url, first_url=f"/dead-letters?{urlencode(query)}",
                            paged=before_id is not None, statuses=STATUSES)
 

@@ -14,22 +14,55 @@ from sqlalchemy import select
 
 from worker.storage import db
 
+# Per minute from %(since)s up to now. The finished minutes of the hour are read once a minute
+# (`PerMinute`); each request reads only the minute under way.
 PER_MINUTE = """
-WITH minutes AS (SELECT generate_series(date_trunc('minute', now()) - interval '59 minutes',
-                                        date_trunc('minute', now()), interval '1 minute') AS m),
+WITH minutes AS (SELECT generate_series(%(since)s::timestamptz, date_trunc('minute', now()), interval '1 minute') AS m),
 outcomes AS (SELECT date_trunc('minute', processed_at) AS m, count(*) FILTER (WHERE outcome = 'applied') AS applied,
                     count(*) FILTER (WHERE outcome = 'rejected') AS rejected
-             FROM inbox WHERE processed_at > date_trunc('minute', now()) - interval '59 minutes' GROUP BY 1),
+             FROM inbox WHERE processed_at >= %(since)s GROUP BY 1),
 dead AS (SELECT date_trunc('minute', first_seen) AS m, count(*) AS dead
-         FROM dead_letters WHERE first_seen > date_trunc('minute', now()) - interval '59 minutes' GROUP BY 1)
+         FROM dead_letters WHERE first_seen >= %(since)s GROUP BY 1)
 SELECT minutes.m, coalesce(applied, 0), coalesce(rejected, 0), coalesce(dead, 0)
 FROM minutes LEFT JOIN outcomes USING (m) LEFT JOIN dead USING (m) ORDER BY minutes.m
 """
+
+
+class PerMinute:
+    """The chart's rows: the 59 finished minutes kept from the first request of each minute (a row
+    committed late into a finished minute shows from the next minute on), the current one read live."""
+
+    def __init__(self) -> None:
+        self.minute: datetime | None = None
+        self.finished: list[tuple[Any, ...]] = []
+
+    def rows(self, pg: Any) -> list[tuple[Any, ...]]:
+        (now,) = pg.execute("SELECT date_trunc('minute', now())").fetchone()
+        if now != self.minute:
+            rows = pg.execute(PER_MINUTE, {"since": now - timedelta(minutes=59)}).fetchall()
+            self.minute, self.finished = now, rows[:-1]
+            return rows
+        return self.finished + pg.execute(PER_MINUTE, {"since": now}).fetchall()[-1:]
+
+
+PER_MINUTE_CACHE = PerMinute()
 OUTBOX = ("SELECT count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NULL), "
           "min(created_at) FILTER (WHERE published_at IS NULL AND parked_at IS NULL), "
           "count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NOT NULL) FROM outbox "
           "WHERE published_at IS NULL")
-BY_REASON = "SELECT reason, count(*) FROM dead_letters WHERE status = 'open' GROUP BY reason ORDER BY 2 DESC, 1"
+# Open dead letters per reason: the reasons by a skip scan of the (status, reason, id) index, each
+# counted up to REASON_CAP + 1 (shown "10,000+"): with 100,000 open, a third of the work of a GROUP BY.
+REASON_CAP = 10_000
+BY_REASON = f"""
+WITH RECURSIVE r(reason) AS (
+  (SELECT reason FROM dead_letters WHERE status = 'open' ORDER BY reason LIMIT 1)
+  UNION ALL
+  SELECT (SELECT d.reason FROM dead_letters d WHERE d.status = 'open' AND d.reason > r.reason ORDER BY d.reason LIMIT 1)
+  FROM r WHERE r.reason IS NOT NULL)
+SELECT reason, (SELECT count(*) FROM (SELECT 1 FROM dead_letters d WHERE d.status = 'open' AND d.reason = r.reason
+                                      LIMIT {REASON_CAP + 1}) capped)
+FROM r WHERE reason IS NOT NULL ORDER BY 2 DESC, 1
+"""
 WAITING = "SELECT count(*), min(first_seen) FROM invoice_waits"
 RETRIES_DUE = ("SELECT count(*) FROM payments WHERE next_retry_at IS NOT NULL "
                "AND next_retry_at < now() + interval '1 day'")
@@ -72,14 +105,17 @@ def overview(database_url: str, broker_url: str, queues: Any, wait_seconds: floa
     data: dict[str, Any] = {"queues": snapshot.queue_depth, "problems": dict(snapshot.problems)}
     with db.engine().connect() as conn:
         pg = _pg(conn)
-        rows = pg.execute(PER_MINUTE).fetchall()
+        rows = PER_MINUTE_CACHE.rows(pg)
         data["chart"] = Chart([r[0].strftime("%H:%M") for r in rows],
                               {"applied": [r[1] for r in rows], "rejected": [r[2] for r in rows],
                                "dead-lettered": [r[3] for r in rows]})
         unpublished, oldest, parked = pg.execute(OUTBOX).fetchone()
         data["outbox"] = {"unpublished": unpublished, "parked": parked,
                           "oldestAgeSeconds": (datetime.now(timezone.utc) - oldest).total_seconds() if oldest else None}
-        data["deadLetters"] = pg.execute(BY_REASON).fetchall()
+        by_reason = pg.execute(BY_REASON).fetchall()
+        data["deadLetters"] = [(reason, f"{REASON_CAP:,}+" if n > REASON_CAP else str(n)) for reason, n in by_reason]
+        total = sum(min(n, REASON_CAP) for _, n in by_reason)
+        data["deadLettersOpen"] = f"{total:,}+" if any(n > REASON_CAP for _, n in by_reason) else str(total)
         waiting, first = pg.execute(WAITING).fetchone()
         data["waiting"] = {"count": waiting,
                            "nextGivesUpAt": (first + timedelta(seconds=wait_seconds)) if first else None}

@@ -205,6 +205,28 @@ def count(selection: Filter) -> tuple[int, int | None]:
     return number, highest
 
 
+def count_up_to(selection: Filter, cap: int) -> int:
+    """How many the filter selects, counting no further than `cap` (a list shows "10,000+")."""
+    inner = select(DeadLetter.id).where(*selection.where()).limit(cap).subquery()
+    with db.sessions()() as session:
+        return session.execute(select(func.count()).select_from(inner)).scalar_one()
+
+
+def reasons(status: str = "open") -> list[str]:
+    """The reasons among the dead letters of a status: a skip scan of the (status, reason, id)
+    index, a handful of index probes however many rows there are."""
+    from sqlalchemy import text
+
+    with db.sessions()() as session:
+        return list(session.scalars(text("""
+            WITH RECURSIVE r(reason) AS (
+              (SELECT reason FROM dead_letters WHERE status = :status ORDER BY reason LIMIT 1)
+              UNION ALL
+              SELECT (SELECT d.reason FROM dead_letters d WHERE d.status = :status AND d.reason > r.reason
+                      ORDER BY d.reason LIMIT 1) FROM r WHERE r.reason IS NOT NULL)
+            SELECT reason FROM r WHERE reason IS NOT NULL"""), {"status": status}))
+
+
 def by_reason(status: str = "open") -> list[tuple[str, int]]:
     with db.sessions()() as session:
         rows = session.execute(select(DeadLetter.reason, func.count()).where(DeadLetter.status == status)

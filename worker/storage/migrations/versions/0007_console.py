@@ -1,5 +1,5 @@
 """The operator's console: its audit table, heartbeats of the worker, relay and beat, and the
-dead-letter indexes its keyset pagination walks
+dead-letter indexes its keyset pagination walks, and a BRIN index on the inbox's processed_at for the last hour's figures
 
 Revision ID: 0007
 Revises: 0006
@@ -39,9 +39,13 @@ def upgrade() -> None:
     op.create_index("ix_dead_letters_status_id", "dead_letters", ["status", "id"])
     op.create_index("ix_dead_letters_status_reason_id", "dead_letters", ["status", "reason", "id"])
     op.create_index("ix_dead_letters_status_tenant_id", "dead_letters", ["status", "tenant_id", "id"])
+    op.create_index("ix_dead_letters_first_seen", "dead_letters", ["first_seen"])
+    op.create_index("ix_inbox_processed_at_brin", "inbox", ["processed_at"], postgresql_using="brin")
 
 
 def downgrade() -> None:
+    op.drop_index("ix_inbox_processed_at_brin", "inbox")
+    op.drop_index("ix_dead_letters_first_seen", "dead_letters")
     op.drop_index("ix_dead_letters_status_tenant_id", "dead_letters")
     op.drop_index("ix_dead_letters_status_reason_id", "dead_letters")
     op.drop_index("ix_dead_letters_status_id", "dead_letters")
