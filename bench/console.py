@@ -106,11 +106,64 @@ def rows_of(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
-if __name__ == "__main__":  # python -m bench.console: these rows alone
+def screenshot(env: Environment, path: str, minutes: float = 3.0) -> None:
+    """docs/console-overview.png: the overview after a few minutes of traffic (orders, payments,
+    some rejected, some dead-lettered) with worker, relay, beat and console running."""
+    import json as json_module
+    import tempfile
+    import uuid
+
+    from playwright.sync_api import sync_playwright
+
+    from bench.payments import setup_invoices
+    from tests.console.conftest import CHROMIUM_ARGS, ensure_chromium
+    from worker.brokers.topology import queue_for
+    from worker.celery_app import app
+
+    numbers = setup_invoices(env, 40)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    schedule = os.path.join(tempfile.mkdtemp(), "beat-schedule")
+    nodes = [worker(2), relay(), Process([sys.executable, "-m", "celery", "-A", "worker", "beat", "-s", schedule], {}, None),
+             Process([sys.executable, "-m", "worker.cli", "console"],
+                     {"CONSOLE_PORT": str(port), "CONSOLE_TOKEN": f"alice:{SECRET}"}, None)]
+    try:
+        ends = time.monotonic() + minutes * 60
+        i = 0
+        while time.monotonic() < ends:
+            i += 1
+            number = numbers[i % len(numbers)]
+            body = {"messageId": f"shot-{uuid.uuid4()}", "tenantId": "bench", "invoiceNumber": number,
+                    "amount": "0.01" if i % 9 else "999999.00", "currency": "USD", "paymentMethod": "EFT"}
+            if i % 23 == 0:
+                body["amount"] = "abc"  # malformed: dead-lettered
+            if i % 41 == 0:
+                body = {"messageId": f"shot-{uuid.uuid4()}", "tenantId": "bench"}
+            app.send_task("invoices.record_payment", args=[body], queue=queue_for("invoices.record_payment"))
+            time.sleep(0.05 + 0.05 * (1 + (i // 200) % 3))
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=ensure_chromium(), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, base_url=base)
+            page.goto("/login")
+            page.fill("input[name=token]", SECRET)
+            page.click("button[type=submit]")
+            page.wait_for_url("**/")
+            page.screenshot(path=path, full_page=True)
+            browser.close()
+        print(json_module.dumps({"screenshot": path}))
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+if __name__ == "__main__":  # python -m bench.console [--screenshot PATH]: these rows alone
     os.environ.setdefault("METRICS_PORT", "0")
     environment = Environment()
     try:
-        for row in rows_of(run(environment)):
-            print(" | ".join(row))
+        if sys.argv[1:2] == ["--screenshot"]:
+            screenshot(environment, sys.argv[2])
+        else:
+            for row in rows_of(run(environment)):
+                print(" | ".join(row))
     finally:
         environment.close()

@@ -222,3 +222,48 @@ def test_without_a_token_the_console_is_read_only_and_stays_on_loopback(urls, tm
     finally:
         console.stop()
     assert status_of([letter]) == {letter: "open"}
+
+
+def test_a_deleted_invoice_shows_its_tombstone_and_history(running, page):
+    from tests.conftest import ROOT
+
+    tenant = new_tenant("t-gone")
+    create = {**json.loads((ROOT / "examples" / "create.json").read_text()), "tenantId": tenant,
+              "messageId": f"create-{uuid.uuid4()}"}
+    send("invoices.create", create)
+    number = wait_outcome(tenant, create["messageId"])["invoiceNumber"]
+    delete = {"tenantId": tenant, "invoiceNumber": number, "messageId": f"delete-{uuid.uuid4()}"}
+    send("invoices.delete", delete)
+    assert wait_outcome(tenant, delete["messageId"])["outcome"] == "applied"
+    sign_in(page.page)
+    p = page.page
+    p.goto(f"/invoices?tenant={tenant}&number={number}")
+    assert f"by message {delete['messageId']}" in p.inner_text("#tombstone")
+    assert p.locator("#history td.message-id").all_inner_texts() == [create["messageId"], delete["messageId"]]
+    assert "→ (deleted)" in p.locator("#history tr").nth(2).inner_text()
+
+
+def test_a_parked_event_published_again_reaches_the_exchange(running, page):
+    tenant = new_tenant("t-parked")
+    with db.engine().begin() as conn:
+        outbox_id = conn.execute(text(
+            "INSERT INTO outbox (event_id, type, tenant_id, payload, parked_at, park_reason) VALUES "
+            "(:event, 'import.completed', :tenant, CAST(:payload AS jsonb), now(), 'PreconditionFailed: too large') "
+            "RETURNING id"), {"event": str(uuid.uuid4()), "tenant": tenant,
+                              "payload": json.dumps({"type": "import.completed", "tenantId": tenant})}).scalar_one()
+    sign_in(page.page)
+    p = page.page
+    p.goto("/waiting")
+    row = p.locator("#parked ~ table tr", has_text="PreconditionFailed: too large")
+    assert tenant in row.inner_text()
+    row.locator("button", has_text="Publish again").click()
+    assert p.inner_text("#done") == f"event {outbox_id} handed back to the relay"
+
+    def published() -> bool:
+        with db.engine().connect() as conn:
+            return conn.execute(text("SELECT published_at IS NOT NULL FROM outbox WHERE id = :id"),
+                                {"id": outbox_id}).scalar_one()
+
+    wait_for(published, 20, what="the relay to publish the event")
+    p.goto("/audit")
+    assert "outbox.publish-again" in p.locator("#audit tr").nth(1).inner_text()
