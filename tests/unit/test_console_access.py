@@ -56,3 +56,17 @@ def test_compose_serves_the_console_with_a_token():
     service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["console"]
     assert service["command"] == ["invoice-worker", "console"]
     assert service["environment"]["CONSOLE_ADDRESS"] == "0.0.0.0" and service["environment"]["CONSOLE_TOKEN"]
+
+
+def test_console_token_secrets_never_reach_a_log_line(monkeypatch):
+    from worker.config import settings
+    from worker.operations.logs import secrets
+
+    monkeypatch.setenv("CONSOLE_TOKEN", "alice:first-secret-x,bob:second-secret-y")
+    settings.cache_clear()
+    try:
+        hidden = secrets()
+        assert {"first-secret-x", "second-secret-y"} <= set(hidden) and "alice" not in hidden
+    finally:
+        monkeypatch.delenv("CONSOLE_TOKEN")
+        settings.cache_clear()
