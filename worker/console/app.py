@@ -270,7 +270,8 @@ class Console:
         page = await run_in_threadpool(reads.invoice_page, str(request.path_params["id"]))
         if page is None:
             return self.render(request, "message.html", 404, title="not found", message="No such invoice.")
-        return self.render(request, "invoice.html", **page)
+        invoice_json = json.dumps(page["invoice"], indent=2, ensure_ascii=False) if page["invoice"] else ""
+        return self.render(request, "invoice.html", invoice_json=invoice_json, **page)
 
     async def waiting(self, request: Request) -> Response:
         if (refused := self.refused(request)) is not None:

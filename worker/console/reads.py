@@ -95,7 +95,6 @@ def _pg(conn: Any) -> Any:
 
 
 def overview(database_url: str, broker_url: str, queues: Any, wait_seconds: float) -> dict[str, Any]:
-    from worker.operations import heartbeats
     from worker.operations.health import Snapshot, read_queues
 
     snapshot = Snapshot(taken=0.0)
@@ -103,6 +102,19 @@ def overview(database_url: str, broker_url: str, queues: Any, wait_seconds: floa
     # message count): nothing is taken off a queue, so nothing is marked redelivered.
     read_queues(broker_url, queues, snapshot)
     data: dict[str, Any] = {"queues": snapshot.queue_depth, "problems": dict(snapshot.problems)}
+    data.update(chart=None, outbox=None, deadLetters=[], deadLettersOpen="?", waiting=None, retriesDue=None,
+                heartbeats={})
+    try:
+        _read_database(data, wait_seconds)
+    except Exception as exc:  # the page says what it could not read, as `status` does
+        first = str(exc).strip().splitlines()
+        data["problems"]["database"] = f"PostgreSQL does not answer: {type(exc).__name__}: {first[0] if first else ''}"
+    return data
+
+
+def _read_database(data: dict[str, Any], wait_seconds: float) -> None:
+    from worker.operations import heartbeats
+
     with db.engine().connect() as conn:
         pg = _pg(conn)
         rows = PER_MINUTE_CACHE.rows(pg)
@@ -122,7 +134,6 @@ def overview(database_url: str, broker_url: str, queues: Any, wait_seconds: floa
         (data["retriesDue"],) = pg.execute(RETRIES_DUE).fetchone()
         data["heartbeats"] = heartbeats.read(pg)
         conn.rollback()
-    return data
 
 
 def waiting(wait_seconds: float, limit: int = 200) -> list[dict[str, Any]]:
