@@ -3,8 +3,8 @@ through the shared function its CLI command calls, and is written to the audit t
 
 from __future__ import annotations
 
+import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -94,7 +94,7 @@ class Console:
             return self.render(request, "login.html", 403, problem="The form expired; try again.", next="/")
         found = access.login(self.tokens, str(form.get("token") or ""))
         if found is None:
-            time.sleep(0.2)  # a guess costs something
+            await asyncio.sleep(0.2)  # a guess costs something (without holding up other requests)
             return self.render(request, "login.html", 401, problem="That token is not valid.", next="/")
         request.session.clear()
         request.session.update(who=found[0], tid=found[1])
