@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 import psutil
 
-from bench import bulk_import, metrics_cost, payments, pruning, relay_cpu, task_events_cost, tracing_cost, under_load
+from bench import bulk_import, console, metrics_cost, payments, pruning, relay_cpu, task_events_cost, tracing_cost, under_load
 from bench.harness import ROOT, Environment
 from worker.config import settings
 
@@ -160,6 +160,8 @@ def main() -> int:
         prune_rows = 100_000 if args.quick else 1_000_000
         for row in pruning.rows_of(pruning.run(env, numbers, prune_rows, 100, lat_seconds, concurrency), 100,
                                    lat_seconds):
+            rows.append(row)
+        for row in console.rows_of(console.run(env, 100_000, 50 if args.quick else 200, concurrency)):
             rows.append(row)
         load = under_load.run(env, numbers, 1000 if args.quick else 4000, concurrency)
         where = profile(numbers)

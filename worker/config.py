@@ -108,6 +108,36 @@ class Settings(BaseSettings):
     # for this long: alive but not consuming (Celery #8030, #8384, #10205, after a broker reconnect).
     consumer_stall_seconds: float = Field(default=30.0, gt=0)
 
+    # The operator's console (`invoice-worker console`, also served by `run`): where it listens, and
+    # its named tokens `name:secret,name2:secret2` (several while one is rotated). Without a token it
+    # is read-only and listens on loopback only; beyond loopback it refuses to start without one.
+    console_address: str = Field(default="127.0.0.1", min_length=1)
+    console_port: int = Field(default=8808, ge=0, le=65535)
+    console_token: str | None = None
+
+    @field_validator("console_token")
+    @classmethod
+    def _check_console_token(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        names = set()
+        for part in value.split(","):
+            name, sep, secret = part.strip().partition(":")
+            if not sep or not name.strip() or len(secret.strip()) < 8:
+                raise ValueError("expected comma-separated name:secret pairs, each secret at least 8 characters")
+            if name.strip() in names:
+                raise ValueError(f"the name {name.strip()!r} is given twice")
+            names.add(name.strip())
+        return value
+
+    @property
+    def console_tokens(self) -> dict[str, str]:
+        """secret -> name."""
+        if not self.console_token:
+            return {}
+        pairs = (part.strip().partition(":") for part in self.console_token.split(","))
+        return {secret.strip(): name.strip() for name, _, secret in pairs}
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:

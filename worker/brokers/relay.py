@@ -195,6 +195,29 @@ def status(database_url: str) -> dict[str, Any]:
             "oldestUnpublishedAt": oldest.isoformat() if oldest else None, "publishedKept": published, "parked": parked}
 
 
+def parked(database_url: str, limit: int = 200) -> list[dict[str, Any]]:
+    """Events the relay set aside, oldest first, with the reason."""
+    with psycopg.connect(libpq_url(database_url)) as db:
+        rows = db.execute("SELECT id, event_id, type, tenant_id, invoice_id, sequence, causation_id, created_at, "
+                          "parked_at, park_reason FROM outbox WHERE parked_at IS NOT NULL AND published_at IS NULL "
+                          "ORDER BY id LIMIT %s", (limit,)).fetchall()
+    keys = ("id", "eventId", "type", "tenantId", "invoiceId", "sequence", "causationId", "createdAt", "parkedAt",
+            "parkReason")
+    return [{k: (v.isoformat() if isinstance(v, datetime) else str(v) if k in ("eventId", "invoiceId") and v else v)
+             for k, v in zip(keys, row)} for row in rows]
+
+
+def publish_again(database_url: str, outbox_id: int) -> bool:
+    """Hand a parked event back to the relay (after the cause was fixed: a broker limit raised, a
+    permission granted): it is published in order with the next batch, under its own eventId, so a
+    consumer that somehow saw it already de-duplicates it. False when no such parked event waits."""
+    with psycopg.connect(libpq_url(database_url)) as db:
+        updated = db.execute("UPDATE outbox SET parked_at = NULL, park_reason = NULL "
+                             "WHERE id = %s AND parked_at IS NOT NULL AND published_at IS NULL", (outbox_id,)).rowcount
+        db.execute(f"NOTIFY {CHANNEL}")
+    return updated == 1
+
+
 def wait_until_drained(database_url: str, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
