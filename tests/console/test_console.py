@@ -179,8 +179,11 @@ def test_an_invoice_timeline_lists_fifty_changes_oldest_first(running, page):
     shown = p.locator("#history td.message-id").all_inner_texts()
     assert shown == expected
     assert "(new) →" in p.locator("#history tr").nth(1).inner_text()
+    # The order is the database's (history ids: the order the row locks let the changes apply).
+    # recorded_at is each transaction's start, so two payments that queued on the invoice's lock can
+    # show times out of order; the first change still precedes the last, sent after it applied.
     times = [t.split("\t")[1] for t in p.locator("#history tr").all_inner_texts()[1:]]
-    assert times == sorted(times)
+    assert len(times) == 50 and times[0] < times[-1]
 
 
 def test_the_overview_shows_the_worker_and_relay_alive_by_their_heartbeats(running, page):
