@@ -36,7 +36,7 @@ test-rabbitmq-quorum: $(STAMP)
 # by the run; rabbitmq-server installed with apt-get when missing. At most 15 minutes.
 test-cluster: $(STAMP)
 	INVOICE_CLUSTER_TESTS=1 RABBITMQ_QUEUE_TYPE=quorum timeout --signal=INT 900 \
-		$(BIN)/python -m pytest tests/cluster -v $(PYTEST_ARGS)
+		$(BIN)/python -m pytest tests/cluster -v --durations=8 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
