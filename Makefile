@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.9
 UV := $(BIN)/uv
 
-.PHONY: run test test-oldest test-rabbitmq test-rabbitmq-quorum bench bench-brokers migrate lock outdated clean
+.PHONY: run test test-oldest test-rabbitmq test-rabbitmq-quorum test-cluster bench bench-brokers migrate lock outdated clean
 
 $(UV):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,14 @@ test-rabbitmq: $(STAMP)
 test-rabbitmq-quorum: $(STAMP)
 	RABBITMQ_QUEUE_TYPE=quorum $(BIN)/python -m worker.local.rabbitmq_node test tests/end_to_end/test_queue_type.py \
 		tests/end_to_end/test_payments.py tests/end_to_end/test_payment_retries.py tests/faults/test_out_of_order.py $(PYTEST_ARGS)
+
+# Several hosts on this machine (network namespaces; root needed): a three-node RabbitMQ cluster with
+# quorum queues, PostgreSQL, workers and relays on two hosts; the cluster scenarios (tests/cluster/)
+# through the fault ledger, rows in RELIABILITY.md section "Cluster". Everything started and stopped
+# by the run; rabbitmq-server installed with apt-get when missing. At most 15 minutes.
+test-cluster: $(STAMP)
+	INVOICE_CLUSTER_TESTS=1 RABBITMQ_QUEUE_TYPE=quorum timeout --signal=INT 900 \
+		$(BIN)/python -m pytest tests/cluster -v --durations=8 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

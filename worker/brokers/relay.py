@@ -30,6 +30,8 @@ from typing import Any
 
 import psycopg
 from kombu import Connection, Exchange, Producer
+from kombu.exceptions import ConnectionError as KombuConnectionError
+from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps as json_dumps
 
@@ -102,6 +104,14 @@ class Relay:
         # on a connection that never declared it, kombu routes as a direct exchange, no queue bound
         # with a pattern matches, and every event would be marked published having gone nowhere.
         producer.maybe_declare(EVENTS_EXCHANGE)
+        # Losing the broker fails the batch (its rows go again), never parks an event. Read before
+        # publishing: when the connection drops mid-publish, kombu's retry leaves
+        # producer.connection None (an except clause reading it raised AttributeError). A publish
+        # with retry=True reports a lost connection as kombu's OperationalError, not as the
+        # transport's error: without it here, two events were parked (never published) when a
+        # cluster node was SIGKILLed mid-publish.
+        broker_errors = (producer.connection.connection_errors + producer.connection.channel_errors
+                         + (OperationalError, KombuConnectionError))
         with db.transaction():
             rows = db.execute(
                 "SELECT id, type, payload, octet_length(payload::text), traceparent FROM outbox "
@@ -134,7 +144,7 @@ class Relay:
                         message_id=payload.get("eventId"), headers=trace_headers(traceparent),
                         retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
                     )
-                except producer.connection.connection_errors + producer.connection.channel_errors:
+                except broker_errors:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the broker refused this one message
                     parked.append((id_, f"{type(exc).__name__}: {exc}"[:2000]))
