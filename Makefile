@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-rabbitmq test-rabbitmq-quorum bench bench-brokers migrate clean
+.PHONY: run test test-rabbitmq test-rabbitmq-quorum test-cluster bench bench-brokers migrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test-rabbitmq: $(STAMP)
 test-rabbitmq-quorum: $(STAMP)
 	RABBITMQ_QUEUE_TYPE=quorum $(BIN)/python -m worker.local.rabbitmq_node test tests/end_to_end/test_queue_type.py \
 		tests/end_to_end/test_payments.py tests/end_to_end/test_payment_retries.py tests/faults/test_out_of_order.py $(PYTEST_ARGS)
+
+# Several hosts on this machine (network namespaces; root needed): a three-node RabbitMQ cluster with
+# quorum queues, PostgreSQL, workers and relays on two hosts; the cluster scenarios (tests/cluster/)
+# through the fault ledger, rows in RELIABILITY.md section "Cluster". Everything started and stopped
+# by the run; rabbitmq-server installed with apt-get when missing. At most 15 minutes.
+test-cluster: $(STAMP)
+	INVOICE_CLUSTER_TESTS=1 RABBITMQ_QUEUE_TYPE=quorum timeout --signal=INT 900 \
+		$(BIN)/python -m pytest tests/cluster -v $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -59,6 +59,10 @@ def make_app() -> Celery:
         task_create_missing_queues=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
+        # AMQP: heartbeats every BROKER_HEARTBEAT seconds, so that a silent connection (a partitioned
+        # host) is noticed in seconds, not after TCP's minutes; the failover list of a cluster
+        # (BROKER_URL `amqp://a;amqp://b;…`) is then tried in turn (kombu's round-robin).
+        broker_heartbeat=config.broker_heartbeat,
         broker_transport_options={
             # Redis: a message not acknowledged within this time goes to another worker. It must exceed
             # the longest task and the longest retry countdown (TASK_RETRY_BACKOFF_MAX).

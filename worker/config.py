@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     # back every message in flight on it; an eta further ahead than this less a minute is
     # dead-lettered `eta-too-far` instead.
     broker_consumer_timeout: int = Field(default=1800, ge=120)
+    # RabbitMQ only: the AMQP heartbeat the worker asks of the broker, in seconds (0: none). A silent
+    # connection (a partition, a node gone without a FIN) is dropped after about twice this, and the
+    # broker hands back what the consumer held; Celery's default of 120 s kept a partitioned
+    # consumer's messages for minutes. 10 s or less for a cluster (docs/brokers.md).
+    broker_heartbeat: int = Field(default=10, ge=0)
     # RabbitMQ only: the contract's queues as classic queues (what a bare Celery client declares) or
     # as quorum queues behind topic exchanges (replicated: a cluster's). Quorum needs Celery >= 5.6.
     rabbitmq_queue_type: Literal["classic", "quorum"] = "classic"
@@ -142,9 +147,17 @@ class Settings(BaseSettings):
     def _check_broker_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        scheme, sep, rest = value.partition("://")
-        if not sep or scheme not in {"redis", "rediss", "amqp", "amqps", "pyamqp"}:
-            raise ValueError("must be a redis://, rediss:// or amqp:// URL")
+        # A cluster's nodes as a `;`-separated list (kombu's failover: the next one when a connection
+        # fails), all of one kind.
+        schemes = set()
+        for url in value.split(";"):
+            scheme, sep, rest = url.strip().partition("://")
+            if not sep or scheme not in {"redis", "rediss", "amqp", "amqps", "pyamqp"}:
+                raise ValueError("must be a redis://, rediss:// or amqp:// URL, or `;`-separated amqp:// URLs "
+                                 "of a cluster's nodes")
+            schemes.add("amqp" if scheme in {"amqp", "amqps", "pyamqp"} else "redis")
+        if len(value.split(";")) > 1 and schemes != {"amqp"}:
+            raise ValueError("a `;`-separated list of nodes is for RabbitMQ (amqp://) only")
         return value
 
     @field_validator("rabbitmq_queue_type")

@@ -43,6 +43,9 @@ def test_verify_accepts_the_right_signature_and_names_what_is_wrong():
     ("DATABASE_URL", "not a url", "not a SQLAlchemy URL"),
     ("DATABASE_URL", "mysql://u@h/db", "must be a PostgreSQL URL"),
     ("BROKER_URL", "kafka://h", "must be a redis://"),
+    ("BROKER_URL", "amqp://a//;kafka://b", "must be a redis://"),
+    ("BROKER_URL", "redis://a/0;redis://b/0", "for RabbitMQ (amqp://) only"),
+    ("BROKER_HEARTBEAT", "-1", "greater than or equal to 0"),
     ("WORKER_CONCURRENCY", "0", "greater than or equal to 1"),
 ])
 def test_a_wrong_setting_names_its_variable(monkeypatch, variable, value, fragment):
@@ -83,3 +86,35 @@ def test_a_multi_host_database_url_reaches_libpq_with_every_host(monkeypatch):
     assert kwargs["target_session_attrs"] == "read-write" and kwargs["password"] == "p@ss"
     # one host, or a socket folder, is left as it was
     assert libpq_url("postgresql+psycopg://a:b@h:5432/db") == "postgresql://a:b@h:5432/db"
+
+
+def test_a_cluster_broker_url_lists_its_nodes_and_the_worker_heartbeats_every_10_s(monkeypatch):
+    """BROKER_URL of a RabbitMQ cluster: its nodes, `;`-separated; kombu connects to the first and
+    fails over to the next (docs/brokers.md). The AMQP heartbeat defaults to 10 s, not Celery's 120."""
+    from kombu import Connection
+
+    nodes = "amqp://guest:guest@10.77.0.11:5672//;amqp://guest:guest@10.77.0.12:5672//;amqp://guest:guest@10.77.0.13:5672//"
+    monkeypatch.setenv("BROKER_URL", nodes)
+    config = load_settings()
+    assert config.broker_url == nodes and config.broker_heartbeat == 10
+    connection = Connection(config.broker_url)
+    assert [url.split("@")[1] for url in connection.alt] == ["10.77.0.11:5672//", "10.77.0.12:5672//", "10.77.0.13:5672//"]
+    assert connection.hostname == "10.77.0.11"
+    connection.maybe_switch_next()  # what kombu does when a connection attempt fails
+    assert connection.hostname == "10.77.0.12"
+
+
+def test_the_worker_app_carries_the_heartbeat_and_the_failover_list():
+    """The Celery app's settings, as `celery -A worker worker` reads them (a fresh interpreter:
+    the app reads its settings once, at import)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    nodes = "amqp://guest:guest@10.77.0.11:5672//;amqp://guest:guest@10.77.0.12:5672//"
+    env = {**os.environ, "BROKER_URL": nodes, "BROKER_HEARTBEAT": "7", "DATABASE_URL": "postgresql://u@h/db"}
+    shown = subprocess.run([sys.executable, "-c", "import json; from worker.celery_app import app; "
+                            "print(json.dumps([app.conf.broker_url, app.conf.broker_heartbeat]))"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert json.loads(shown.stdout) == [nodes, 7]

@@ -97,6 +97,10 @@ class Relay:
         # on a connection that never declared it, kombu routes as a direct exchange, no queue bound
         # with a pattern matches, and every event would be marked published having gone nowhere.
         producer.maybe_declare(EVENTS_EXCHANGE)
+        # Read before publishing: when the connection drops mid-publish, kombu's retry leaves
+        # producer.connection None, and the except clause below failed with an AttributeError
+        # instead of naming the broker's error (seen when a cluster node was killed).
+        broker_errors = producer.connection.connection_errors + producer.connection.channel_errors
         with db.transaction():
             rows = db.execute(
                 "SELECT id, type, payload, octet_length(payload::text) FROM outbox "
@@ -129,7 +133,7 @@ class Relay:
                         message_id=payload.get("eventId"),
                         retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
                     )
-                except producer.connection.connection_errors + producer.connection.channel_errors:
+                except broker_errors:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the broker refused this one message
                     parked.append((id_, f"{type(exc).__name__}: {exc}"[:2000]))

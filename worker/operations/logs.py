@@ -27,7 +27,8 @@ def secrets() -> list[str]:
 
     config = settings()
     found = [s.strip() for s in (config.callback_signing_secret or "").split(",")]
-    for url in (config.database_url, config.broker_url):
+    urls = [config.database_url, *(config.broker_url or "").split(";")]  # a cluster's nodes: each one
+    for url in urls:
         if url:
             try:
                 found.append(make_url(url).password or "")
