@@ -36,7 +36,7 @@ def test_database_primary_killed_standby_promoted_old_primary_rejoins(scenario, 
     ledger, tenant = Ledger(), "t-db-failover"
     row = reliability.row("cluster: PostgreSQL primary SIGKILLed mid-stream (Patroni + postgres + etcd of its host), "
                           "standby promoted, old primary rejoins", url, ledger, tap)
-    numbers = invoices(scenario, ledger, tenant, 20)
+    numbers = invoices(scenario, ledger, tenant, 20, held=True)
     bodies = [payment(tenant, numbers[i % 20], a) for i, a in enumerate(amounts(600, seed=23))]
     stream = Stream(scenario.publisher(), ledger, "invoices.record_payment", bodies, per_second=30).start()
     stream.wait_sent(150)

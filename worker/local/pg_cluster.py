@@ -23,9 +23,9 @@ belong to it. Settings (docs/cluster.md says why):
   until a second node is back).
 - ttl 20 s (Patroni's least), loop_wait 1 s, retry_timeout 5 s: a primary lost with its machine
   keeps the leader key until the ttl runs out, so failover takes about 20 s plus a promote.
-- TCP keepalives 5 s + 3 × 2 s and tcp_user_timeout 10 s on the server, and
-  idle_in_transaction_session_timeout 10 s: a worker host cut off mid-transaction loses its
-  locks within about 10 s (worker/storage/db.py sets the same on the client).
+- TCP keepalives 5 s + 3 × 2 s and tcp_user_timeout 10 s on the server: a client host cut off
+  loses its sessions, and their locks, within about 11 s (the worker's sessions also end a
+  transaction left idle 10 s: worker/storage/db.py).
 """
 
 from __future__ import annotations
@@ -54,8 +54,11 @@ SERVER_PARAMETERS = {
     "wal_level": "replica", "hot_standby": "on", "wal_log_hints": "on", "max_wal_senders": 10,
     "max_replication_slots": 10, "wal_keep_size": "256MB", "max_connections": 200,
     "tcp_keepalives_idle": 5, "tcp_keepalives_interval": 2, "tcp_keepalives_count": 3, "tcp_user_timeout": 10000,
-    "idle_in_transaction_session_timeout": "10s", "fsync": "on", "synchronous_commit": "on",
+    "fsync": "on", "synchronous_commit": "on",
 }
+# idle_in_transaction_session_timeout (10 s) is set by the worker on its own sessions
+# (worker/storage/db.py), not here for every client: the relay keeps its transaction open while the
+# broker confirms a batch, which a broker failover may stretch past 10 s.
 
 
 class Placement(Protocol):
