@@ -35,6 +35,34 @@ def synchronous_names(cluster) -> str:  # noqa: ANN001 - a PgCluster
         return conn.execute("SHOW synchronous_standby_names").fetchone()[0]
 
 
+def commits(cluster, count: int = 2000) -> dict:  # noqa: ANN001 - a PgCluster
+    """One-row INSERT + COMMIT `count` times over TCP: what each commit waits (the standby's flush,
+    when there is one), less sensitive to the shared cores than the end-to-end figures."""
+    import statistics
+
+    import psycopg
+
+    with psycopg.connect(cluster.conninfo("postgres")) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_commit (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())")
+        conn.commit()
+        took = []
+        for _ in range(count):
+            began = time.perf_counter()
+            conn.execute("INSERT INTO bench_commit DEFAULT VALUES")
+            conn.commit()
+            took.append((time.perf_counter() - began) * 1000)
+    q = statistics.quantiles(took, n=100)
+    return {"p50": statistics.median(took), "p99": q[98], "per_second": count / (sum(took) / 1000)}
+
+
+def standby_stop(cluster, standby: str) -> None:  # noqa: ANN001 - a PgCluster
+    """Stop the standby; wait until the primary commits alone (Patroni empties synchronous_standby_names)."""
+    cluster.members[standby].process.stop()
+    deadline = time.monotonic() + 60
+    while synchronous_names(cluster) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def in_child(label: str, count: int, rate: int, seconds: float, concurrency: int) -> dict:
     """One measurement in a fresh process (a second Environment in the same process left its
     worker unanswered to the ping: the Celery app's state of the first part)."""
@@ -55,7 +83,8 @@ def main(argv: list[str]) -> None:
     from worker.local.embedded import EmbeddedServers
     from worker.local.pg_cluster import Loopback, PgCluster
 
-    quick = "--quick" in argv
+    quick, commits_only = "--quick" in argv, "--commits" in argv
+    commit_rows: list = []
     count, rate, seconds, concurrency = (3000, 200, 10, 3) if quick else (10_000, 200, 30, 3)
     root = Path(tempfile.mkdtemp(prefix="invoice-standby-cost-"))
     root.chmod(0o755)
@@ -67,18 +96,25 @@ def main(argv: list[str]) -> None:
         cluster.start()
         primary, standby = cluster.leader(), cluster.synchronous()
         os.environ.update({"DATABASE_URL": cluster.url("postgres"), "BROKER_URL": broker})
+        commit_rows = [("with standby", commits(cluster)), ("with standby", commits(cluster))]
+        if commits_only:
+            standby_stop(cluster, standby)
+            os.environ.update({"DATABASE_URL": cluster.url("postgres")})
+            commit_rows += [("alone", commits(cluster)), ("alone", commits(cluster))]
+            return
         rows.append(in_child(f"primary {primary} + synchronous standby {standby} (names: {synchronous_names(cluster)})",
                              count, rate, seconds, concurrency))
-        cluster.members[standby].process.stop()
-        deadline = time.monotonic() + 60
-        while synchronous_names(cluster) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        standby_stop(cluster, standby)
         os.environ.update({"DATABASE_URL": cluster.url("postgres")})
+        commit_rows += [("alone", commits(cluster)), ("alone", commits(cluster))]
         rows.append(in_child(f"primary {primary} alone (standby stopped; names: '{synchronous_names(cluster)}')",
                              count, rate, seconds, concurrency))
     finally:
         cluster.stop()
         servers.stop()
+        print("one-row commits over TCP, 2,000 a round:")
+        for label, row in commit_rows:
+            print(f"| {label} | p50 {row['p50']:.2f} ms, p99 {row['p99']:.2f} ms | {row['per_second']:.0f} commits/s |")
     print(f"record_payment end to end: {count} messages, batching on, concurrency {concurrency}; "
           f"latency at {rate} msg/s for {seconds} s")
     for row in rows:
