@@ -63,12 +63,14 @@ def make_app() -> Celery:
         # host) is noticed in seconds, not after TCP's minutes; the failover list of a cluster
         # (BROKER_URL `amqp://a;amqp://b;…`) is then tried in turn (kombu's round-robin).
         broker_heartbeat=config.broker_heartbeat,
+        broker_connection_timeout=topology.CONNECT_TIMEOUT,  # Celery's default, which failover_options counts on
         broker_transport_options={
             # Redis: a message not acknowledged within this time goes to another worker. It must exceed
             # the longest task and the longest retry countdown (TASK_RETRY_BACKOFF_MAX).
             "visibility_timeout": config.broker_visibility_timeout,
             # AMQP: wait for the broker's confirmation of every publish.
             "confirm_publish": True,
+            **topology.failover_options(url),
         },
         # Flower: task events on when WORKER_SEND_TASK_EVENTS is set (a publish per task state).
         worker_send_task_events=config.worker_send_task_events,

@@ -115,6 +115,30 @@ def test_the_worker_app_carries_the_heartbeat_and_the_failover_list():
     nodes = "amqp://guest:guest@10.77.0.11:5672//;amqp://guest:guest@10.77.0.12:5672//"
     env = {**os.environ, "BROKER_URL": nodes, "BROKER_HEARTBEAT": "7", "DATABASE_URL": "postgresql://u@h/db"}
     shown = subprocess.run([sys.executable, "-c", "import json; from worker.celery_app import app; "
-                            "print(json.dumps([app.conf.broker_url, app.conf.broker_heartbeat]))"],
+                            "print(json.dumps([app.conf.broker_url, app.conf.broker_heartbeat, "
+                            "app.conf.broker_transport_options.get('connect_retries_timeout')]))"],
                            env=env, capture_output=True, text=True, check=True)
-    assert json.loads(shown.stdout) == [nodes, 7]
+    # connect_retries_timeout: kombu's whole budget for connecting on first use, failover included;
+    # 4 s per node and 2 more, else a first node that does not answer used it all (worker/brokers/topology.py)
+    assert json.loads(shown.stdout) == [nodes, 7, 10]
+
+
+def test_a_single_broker_keeps_kombus_connection_budget():
+    from worker.brokers.topology import failover_options
+
+    assert failover_options("amqp://guest:guest@10.77.0.11:5672//") == {}
+    assert failover_options("redis://127.0.0.1:6379/0") == {}
+    assert failover_options("amqp://a//;amqp://b//;amqp://c//") == {"connect_retries_timeout": 14}
+
+
+def test_the_worker_sets_up_delayed_delivery_through_the_connected_node_only():
+    """Celery's DelayedDelivery step declares the delay exchanges on every URL of a `;` list, retrying
+    a dead node ~15 s before the consumer consumes again; the worker's consumer replaces it."""
+    from celery.worker.consumer.delayed_delivery import DelayedDelivery
+
+    from worker.delivery.consumer import ClusterDelayedDelivery, InvoiceConsumer
+
+    steps = InvoiceConsumer.Blueprint.default_steps
+    assert "worker.delivery.consumer:ClusterDelayedDelivery" in steps
+    assert not any(step.endswith(":DelayedDelivery") for step in steps)
+    assert issubclass(ClusterDelayedDelivery, DelayedDelivery)

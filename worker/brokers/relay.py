@@ -30,6 +30,8 @@ from typing import Any
 
 import psycopg
 from kombu import Connection, Exchange, Producer
+from kombu.exceptions import ConnectionError as KombuConnectionError
+from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps as json_dumps
 
@@ -97,10 +99,14 @@ class Relay:
         # on a connection that never declared it, kombu routes as a direct exchange, no queue bound
         # with a pattern matches, and every event would be marked published having gone nowhere.
         producer.maybe_declare(EVENTS_EXCHANGE)
-        # Read before publishing: when the connection drops mid-publish, kombu's retry leaves
-        # producer.connection None, and the except clause below failed with an AttributeError
-        # instead of naming the broker's error (seen when a cluster node was killed).
-        broker_errors = producer.connection.connection_errors + producer.connection.channel_errors
+        # Losing the broker fails the batch (its rows go again), never parks an event. Read before
+        # publishing: when the connection drops mid-publish, kombu's retry leaves
+        # producer.connection None (an except clause reading it raised AttributeError). A publish
+        # with retry=True reports a lost connection as kombu's OperationalError, not as the
+        # transport's error: without it here, two events were parked (never published) when a
+        # cluster node was SIGKILLed mid-publish.
+        broker_errors = (producer.connection.connection_errors + producer.connection.channel_errors
+                         + (OperationalError, KombuConnectionError))
         with db.transaction():
             rows = db.execute(
                 "SELECT id, type, payload, octet_length(payload::text) FROM outbox "
