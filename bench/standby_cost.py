@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -112,6 +113,7 @@ def main(argv: list[str]) -> None:
     finally:
         cluster.stop()
         servers.stop()
+        shutil.rmtree(root, ignore_errors=True)
         print("one-row commits over TCP, 2,000 a round:")
         for label, row in commit_rows:
             print(f"| {label} | p50 {row['p50']:.2f} ms, p99 {row['p99']:.2f} ms | {row['per_second']:.0f} commits/s |")
