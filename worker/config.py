@@ -19,6 +19,20 @@ from sqlalchemy.exc import ArgumentError
 DEFAULT_HARD_DECLINE_CODES = ("lost_card", "stolen_card", "pickup_card", "invalid_account", "fraudulent")
 
 
+
+def several_hosts(url: str) -> str:
+    """libpq's multi-host spelling (`postgresql://u:p@h1:5432,h2:5432/db?target_session_attrs=read-write`,
+    a primary with its standbys) in SQLAlchemy's (`…@/db?host=h1:5432&host=h2:5432&…`), which
+    psycopg gets back as libpq's; any other URL unchanged."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not sep or "," not in hosts:
+        return url
+    path, question, query = tail.partition("?")
+    listed = "&".join(f"host={host}" for host in hosts.split(","))
+    return f"{scheme}://{userinfo}{at}/{path}?{listed}" + (f"&{query}" if query else "")
+
 class ConfigurationError(Exception):
     """A setting has a value the worker cannot use; the message names the variable."""
 
@@ -149,7 +163,7 @@ class Settings(BaseSettings):
         if value in (None, ""):
             return None
         try:
-            url = make_url(value)
+            url = make_url(several_hosts(value))
         except ArgumentError as exc:
             raise ValueError(f"not a SQLAlchemy URL ({exc})") from None
         if not url.drivername.startswith("postgresql"):

@@ -66,6 +66,28 @@ def test_settings_parse_lists_and_fractions(monkeypatch):
     assert config.database_url == "postgresql+psycopg://u:p@h:5432/db"
 
 
+def test_a_multi_host_database_url_reaches_libpq_with_every_host(monkeypatch):
+    """A primary and its standby in libpq's spelling: SQLAlchemy cannot parse h1:p1,h2:p2, so the
+    setting keeps it as repeated host= parameters, and psycopg (the worker's engine, the relay's
+    libpq URL) gets libpq's spelling back, target_session_attrs included."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    from worker.endpoints import libpq_url
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:p%40ss@10.77.0.21:5432,10.77.0.22:5433/invoices"
+                                       "?target_session_attrs=read-write")
+    url = load_settings().database_url
+    assert url.startswith("postgresql+psycopg://")
+    assert libpq_url(url) == ("postgresql://u:p%40ss@10.77.0.21:5432,10.77.0.22:5433/invoices"
+                              "?target_session_attrs=read-write")
+    _, kwargs = create_engine(url).dialect.create_connect_args(make_url(url))
+    assert (kwargs["host"], kwargs["port"]) == ("10.77.0.21,10.77.0.22", "5432,5433")
+    assert kwargs["target_session_attrs"] == "read-write" and kwargs["password"] == "p@ss"
+    # one host, or a socket folder, is left as it was
+    assert libpq_url("postgresql+psycopg://a:b@h:5432/db") == "postgresql://a:b@h:5432/db"
+
+
 def test_a_cluster_broker_url_lists_its_nodes_and_the_worker_heartbeats_every_10_s(monkeypatch):
     """BROKER_URL of a RabbitMQ cluster: its nodes, `;`-separated; kombu connects to the first and
     fails over to the next (docs/brokers.md). The AMQP heartbeat defaults to 10 s, not Celery's 120."""

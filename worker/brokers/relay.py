@@ -35,7 +35,7 @@ from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps as json_dumps
 
-from worker.endpoints import libpq_url
+from worker.endpoints import CONNECT_OPTIONS, libpq_url
 from worker.operations import metrics
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,8 @@ class Relay:
             delay = min(delay * 2, 10.0)
 
     def _serve(self, stop: threading.Event) -> None:
-        with psycopg.connect(self.conninfo, autocommit=True) as listener, \
-                psycopg.connect(self.conninfo) as db, broker_connection(self.broker_url) as broker:
+        with psycopg.connect(self.conninfo, autocommit=True, **CONNECT_OPTIONS) as listener, \
+                psycopg.connect(self.conninfo, **CONNECT_OPTIONS) as db, broker_connection(self.broker_url) as broker:
             listener.execute(f"LISTEN {CHANNEL}")
             broker.ensure_connection(max_retries=3)
             producer = Producer(broker.default_channel)
