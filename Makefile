@@ -35,7 +35,11 @@ outdated: $(UV)
 run: $(STAMP)
 	$(BIN)/invoice-worker run
 
+# The console's browser tests drive Debian's chromium: installed here when missing (as root with
+# apt-get), outside pytest's per-test timeout; tests/console/conftest.py installs it otherwise.
 test: $(STAMP)
+	test -x /usr/bin/chromium || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	$(BIN)/python -m pytest
 
 # The lowest versions pyproject.toml allows of the libraries the worker leans on (tests/oldest.txt:
