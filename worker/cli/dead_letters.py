@@ -83,8 +83,8 @@ def _filter_options(command: Any) -> Any:
         click.option("--reason", help="Only this reason (malformed, retries-exhausted, ...)."),
         click.option("--task", help="Only this task name (invoices.record_payment, ...)."),
         click.option("--tenant", help="Only this tenant's."),
-        click.option("--older-than", type=float, help="Last seen at least this many minutes ago."),
-        click.option("--newer-than", type=float, help="Last seen at most this many minutes ago."),
+        click.option("--older-than", type=click.IntRange(min=0), help="Last seen at least this many minutes ago."),
+        click.option("--newer-than", type=click.IntRange(min=0), help="Last seen at most this many minutes ago."),
         click.option("--yes", is_flag=True, help="Do not ask for confirmation."),
         click.option("--json", "as_json", is_flag=True),
     ]):
@@ -92,8 +92,8 @@ def _filter_options(command: Any) -> Any:
     return command
 
 
-def _bulk(action: str, reason: str | None, task: str | None, tenant: str | None, older_than: float | None,
-          newer_than: float | None, yes: bool, as_json: bool) -> None:
+def _bulk(action: str, reason: str | None, task: str | None, tenant: str | None, older_than: int | None,
+          newer_than: int | None, yes: bool, as_json: bool) -> None:
     selection = dead_letters.Filter("open", reason, task, tenant, older_than, newer_than)
     number, highest = dead_letters.count(selection)
     if number == 0:

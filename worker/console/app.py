@@ -120,11 +120,9 @@ class Console:
     def _filter(self, params: Any) -> Any:
         from worker.delivery.dead_letters import Filter
 
-        def number(key: str) -> float | None:
-            try:
-                return float(params.get(key)) if params.get(key) not in (None, "") else None
-            except ValueError:
-                return None
+        def number(key: str) -> int | None:  # whole minutes, as the CLI's --older-than / --newer-than
+            value = str(params.get(key) or "").strip()
+            return int(value) if value.isdigit() else None
 
         status = params.get("status") or "open"
         up_to = params.get("up_to_id")

@@ -161,8 +161,8 @@ class Filter:
     reason: str | None = None
     task: str | None = None
     tenant: str | None = None
-    older_than_minutes: float | None = None  # last seen at least this long ago
-    newer_than_minutes: float | None = None  # last seen at most this long ago
+    older_than_minutes: int | None = None  # last seen at least this long ago
+    newer_than_minutes: int | None = None  # last seen at most this long ago
     up_to_id: int | None = None
 
     def where(self) -> list[Any]:
