@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 
 import psutil
 
-from bench import (batch_ceiling, bulk_import, growth, metrics_cost, payments, pruning, relay_cpu, task_events_cost,
-                   under_load)
+from bench import (batch_ceiling, bulk_import, console, growth, metrics_cost, payments, pruning, relay_cpu,
+                   task_events_cost, tracing_cost, under_load)
 from bench.harness import ROOT, Environment
 from worker.config import settings
 
@@ -132,6 +132,15 @@ def main() -> int:
                      f"{events['cpu_off_us']:.0f} / {events['cpu_on_us']:.0f} µs; in-process, a message's three events cost "
                      f"{events['events_us']:.0f} µs of CPU (its place in Celery's worker state, in both, "
                      f"{events['state_us']:.1f} µs)"))
+        traced = tracing_cost.side_by_side(env, lambda: payments.payment_bodies(numbers, n_cost), concurrency)
+        t_off, t_on = means(traced)
+        rows.append((f"end to end, batching on, tracing off / on (OpenTelemetry, every span to the console exporter "
+                     f"into the worker's log): {n_cost:,} record_payment, {len(traced['off'])} rounds each",
+                     f"{t_off:.0f} / {t_on:.0f} msg/s",
+                     f"tracing on costs {1 - t_on / t_off:.0%}; {rounds(traced)}; the worker's CPU per message off / on "
+                     f"{traced['cpu_off_us']:.0f} / {traced['cpu_on_us']:.0f} µs; in-process, a batched message's "
+                     f"tracing hooks cost {traced['hooks_off_us']:.1f} µs off, {traced['hooks_on_us']:.0f} µs on "
+                     f"(in-memory exporter)"))
         for rate, worker_env, label in ((200, off, "batching off"), (200, on, "batching on"), (400, on, "batching on")):
             lat = payments.latency(env, numbers, rate, lat_seconds, concurrency, worker_env)
             rows.append((f"latency at {rate} msg/s for {lat_seconds} s, {label}", f"p50 {lat['p50']:.1f} ms",
@@ -164,6 +173,8 @@ def main() -> int:
         prune_rows = 100_000 if args.quick else 1_000_000
         for row in pruning.rows_of(pruning.run(env, numbers, prune_rows, 100, lat_seconds, concurrency), 100,
                                    lat_seconds):
+            rows.append(row)
+        for row in console.rows_of(console.run(env, 100_000, 50 if args.quick else 200, concurrency)):
             rows.append(row)
         load = under_load.run(env, numbers, 1000 if args.quick else 4000, concurrency)
         where = profile(numbers)

@@ -36,13 +36,16 @@ class Environment:
             self.servers = EmbeddedServers(Path(tempfile.mkdtemp(prefix="invoice-bench-")), ephemeral=True)
             database = database or self.servers.start_postgres()
             broker = broker or self.servers.start_broker()
-        base = make_url(database)
-        self.admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
+        from worker.config import several_hosts
+        from worker.endpoints import libpq_url
+
+        base = make_url(several_hosts(database))  # several hosts (bench.standby_cost): SQLAlchemy's spelling
+        self.admin = libpq_url(base.render_as_string(hide_password=False))
         self.name = f"invoice_bench_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(self.admin, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.name}"')
         self.database_url = base.set(database=self.name).render_as_string(hide_password=False)
-        self.libpq = make_url(self.database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self.libpq = libpq_url(self.database_url)
         from worker.brokers.topology import is_amqp
 
         self.amqp = is_amqp(broker)

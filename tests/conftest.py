@@ -36,6 +36,9 @@ TEST_ENV = {
     "INVOICE_WAIT_SECONDS": "2",
     # Workers of parallel tests would fight over 9808; a test of the endpoint gives its own port.
     "METRICS_PORT": "0",
+    # No console from `run` on 8808 (test runs beside each other would collide); a test that wants
+    # one gives a free port (tests/console, test_run_command).
+    "CONSOLE_PORT": "0",
 }
 # How the tests start Python processes of the project: SQLAlchemy's warnings are errors there too.
 STRICT_PYTHON = [sys.executable, "-m", "tests.strict"]

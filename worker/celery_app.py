@@ -59,12 +59,18 @@ def make_app() -> Celery:
         task_create_missing_queues=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
+        # AMQP: heartbeats every BROKER_HEARTBEAT seconds, so that a silent connection (a partitioned
+        # host) is noticed in seconds, not after TCP's minutes; the failover list of a cluster
+        # (BROKER_URL `amqp://a;amqp://b;…`) is then tried in turn (kombu's round-robin).
+        broker_heartbeat=config.broker_heartbeat,
+        broker_connection_timeout=topology.CONNECT_TIMEOUT,  # Celery's default, which failover_options counts on
         broker_transport_options={
             # Redis: a message not acknowledged within this time goes to another worker. It must exceed
             # the longest task and the longest retry countdown (TASK_RETRY_BACKOFF_MAX).
             "visibility_timeout": config.broker_visibility_timeout,
             # AMQP: wait for the broker's confirmation of every publish.
             "confirm_publish": True,
+            **topology.failover_options(url),
         },
         # Flower: task events on when WORKER_SEND_TASK_EVENTS is set (a publish per task state).
         worker_send_task_events=config.worker_send_task_events,
@@ -128,7 +134,7 @@ def _warn_unsigned_callbacks(**_: object) -> None:
 
 
 # What operators see: log format and redaction, metrics, /healthz and /readyz (Celery signals).
-from worker.operations import logs, telemetry  # noqa: E402,F401
+from worker.operations import logs, telemetry, tracing  # noqa: E402,F401
 
 
 def publishing_app() -> Celery:

@@ -19,6 +19,20 @@ from sqlalchemy.exc import ArgumentError
 DEFAULT_HARD_DECLINE_CODES = ("lost_card", "stolen_card", "pickup_card", "invalid_account", "fraudulent")
 
 
+
+def several_hosts(url: str) -> str:
+    """libpq's multi-host spelling (`postgresql://u:p@h1:5432,h2:5432/db?target_session_attrs=read-write`,
+    a primary with its standbys) in SQLAlchemy's (`…@/db?host=h1:5432&host=h2:5432&…`), which
+    psycopg gets back as libpq's; any other URL unchanged."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not sep or "," not in hosts:
+        return url
+    path, question, query = tail.partition("?")
+    listed = "&".join(f"host={host}" for host in hosts.split(","))
+    return f"{scheme}://{userinfo}{at}/{path}?{listed}" + (f"&{query}" if query else "")
+
 class ConfigurationError(Exception):
     """A setting has a value the worker cannot use; the message names the variable."""
 
@@ -68,6 +82,11 @@ class Settings(BaseSettings):
     # back every message in flight on it; an eta further ahead than this less a minute is
     # dead-lettered `eta-too-far` instead.
     broker_consumer_timeout: int = Field(default=1800, ge=120)
+    # RabbitMQ only: the AMQP heartbeat the worker asks of the broker, in seconds (0: none). A silent
+    # connection (a partition, a node gone without a FIN) is dropped after about twice this, and the
+    # broker hands back what the consumer held; Celery's default of 120 s kept a partitioned
+    # consumer's messages for minutes. 10 s or less for a cluster (docs/brokers.md).
+    broker_heartbeat: int = Field(default=10, ge=0)
     # RabbitMQ only: the contract's queues as classic queues (what a bare Celery client declares) or
     # as quorum queues behind topic exchanges (replicated: a cluster's). Quorum needs Celery >= 5.6.
     rabbitmq_queue_type: Literal["classic", "quorum"] = "classic"
@@ -108,13 +127,43 @@ class Settings(BaseSettings):
     # for this long: alive but not consuming (Celery #8030, #8384, #10205, after a broker reconnect).
     consumer_stall_seconds: float = Field(default=30.0, gt=0)
 
+    # The operator's console (`invoice-worker console`, also served by `run`): where it listens, and
+    # its named tokens `name:secret,name2:secret2` (several while one is rotated). Without a token it
+    # is read-only and listens on loopback only; beyond loopback it refuses to start without one.
+    console_address: str = Field(default="127.0.0.1", min_length=1)
+    console_port: int = Field(default=8808, ge=0, le=65535)
+    console_token: str | None = None
+
+    @field_validator("console_token")
+    @classmethod
+    def _check_console_token(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        names = set()
+        for part in value.split(","):
+            name, sep, secret = part.strip().partition(":")
+            if not sep or not name.strip() or len(secret.strip()) < 8:
+                raise ValueError("expected comma-separated name:secret pairs, each secret at least 8 characters")
+            if name.strip() in names:
+                raise ValueError(f"the name {name.strip()!r} is given twice")
+            names.add(name.strip())
+        return value
+
+    @property
+    def console_tokens(self) -> dict[str, str]:
+        """secret -> name."""
+        if not self.console_token:
+            return {}
+        pairs = (part.strip().partition(":") for part in self.console_token.split(","))
+        return {secret.strip(): name.strip() for name, _, secret in pairs}
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
         try:
-            url = make_url(value)
+            url = make_url(several_hosts(value))
         except ArgumentError as exc:
             raise ValueError(f"not a SQLAlchemy URL ({exc})") from None
         if not url.drivername.startswith("postgresql"):
@@ -128,9 +177,17 @@ class Settings(BaseSettings):
     def _check_broker_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        scheme, sep, rest = value.partition("://")
-        if not sep or scheme not in {"redis", "rediss", "amqp", "amqps", "pyamqp"}:
-            raise ValueError("must be a redis://, rediss:// or amqp:// URL")
+        # A cluster's nodes as a `;`-separated list (kombu's failover: the next one when a connection
+        # fails), all of one kind.
+        schemes = set()
+        for url in value.split(";"):
+            scheme, sep, rest = url.strip().partition("://")
+            if not sep or scheme not in {"redis", "rediss", "amqp", "amqps", "pyamqp"}:
+                raise ValueError("must be a redis://, rediss:// or amqp:// URL, or `;`-separated amqp:// URLs "
+                                 "of a cluster's nodes")
+            schemes.add("amqp" if scheme in {"amqp", "amqps", "pyamqp"} else "redis")
+        if len(value.split(";")) > 1 and schemes != {"amqp"}:
+            raise ValueError("a `;`-separated list of nodes is for RabbitMQ (amqp://) only")
         return value
 
     @field_validator("rabbitmq_queue_type")

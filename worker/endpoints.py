@@ -67,6 +67,33 @@ def broker_url() -> str:
 
 def libpq_url(database_url: str) -> str:
     """psycopg's form of the SQLAlchemy URL (postgresql+psycopg://… → postgresql://…)."""
+    from urllib.parse import quote
+
     from sqlalchemy.engine import make_url
 
-    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    url = make_url(database_url).set(drivername="postgresql")
+    hosts = url.query.get("host")
+    if isinstance(hosts, tuple) or (isinstance(hosts, str) and ":" in hosts):
+        # several hosts (a primary and its standbys): libpq takes them as h1:p1,h2:p2 in the authority
+        hosts = (hosts,) if isinstance(hosts, str) else hosts
+        query = "&".join(f"{key}={quote(str(value))}" for key, values in url.query.items() if key != "host"
+                         for value in (values if isinstance(values, tuple) else (values,)))
+        userinfo = ""
+        if url.username:
+            userinfo = quote(url.username, safe="") + (f":{quote(url.password, safe='')}" if url.password else "") + "@"
+        return f"postgresql://{userinfo}{','.join(hosts)}/{url.database or ''}" + (f"?{query}" if query else "")
+    return url.render_as_string(hide_password=False)
+
+
+# The client's half of "a host cut off holds no lock for long" (the server's half: the same
+# keepalives and idle_in_transaction_session_timeout in worker/local/pg_cluster.py). A connection
+# whose peer went silent (a partition, a machine lost) is given up in about 11 s when idle
+# (keepalive after 5 s, then 3 probes 2 s apart) and in 10 s when data it sent is not
+# acknowledged (tcp_user_timeout); a host that does not answer a connect is passed over after 5 s
+# (connect_timeout, per host of a multi-host URL), so that a failover finds the new primary.
+CONNECT_OPTIONS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+                   "tcp_user_timeout": 10_000, "connect_timeout": 5}
+# A transaction left open by a client that went silent ends on the server after 10 s, its row and
+# inbox locks released: the worker never waits on itself between two statements of a transaction
+# (a batch's statements run back to back), so 10 s idle inside one means the client is gone.
+IDLE_IN_TRANSACTION_MS = 10_000

@@ -57,3 +57,52 @@ def test_list_show_replay_and_discard(running, tmp_path):
     assert second["id"] not in open_ids and first["id"] not in open_ids
     missing = cli("dead-letters", "show", "999999")
     assert missing.returncode != 0 and "no dead letter 999999" in missing.stderr
+
+
+def test_replay_all_and_discard_all_act_on_what_the_filter_selects(running):
+    from tests.console.test_console import dead_letter, status_of
+
+    tenant, other = new_tenant("t-dl-all"), new_tenant("t-dl-all-other")
+    invoice = issued_invoice(tenant)
+    payments = [{"messageId": f"pay-all-{i}-{tenant}", "tenantId": tenant, "invoiceNumber": invoice["invoiceNumber"],
+                 "amount": "1.00", "currency": "USD", "paymentMethod": "EFT"} for i in range(3)]
+    chosen = [dead_letter("invoices.record_payment", body) for body in payments]
+    kept = [dead_letter("invoices.record_payment", {"messageId": "x", "tenantId": other}),
+            dead_letter("invoices.issue", {"messageId": "y", "tenantId": tenant}, reason="malformed")]
+
+    asked = subprocess.run([sys.executable, "-m", "worker.cli", "dead-letters", "replay-all", "--tenant", tenant,
+                            "--reason", "retries-exhausted"], cwd=ROOT, env=os.environ.copy(), input="n\n",
+                           capture_output=True, text=True, timeout=60)
+    assert "replay 3 open dead letters?" in asked.stderr and asked.returncode != 0
+    assert set(status_of(chosen).values()) == {"open"}
+    done = json.loads(cli("dead-letters", "replay-all", "--tenant", tenant, "--reason", "retries-exhausted", "--yes",
+                          "--json").stdout)
+    assert sorted(done["done"]) == sorted(chosen) and done["failed"] == {}
+    for body in payments:
+        assert wait_outcome(tenant, body["messageId"])["outcome"] == "applied"
+    assert set(status_of(kept).values()) == {"open"}
+
+    discarded = cli("dead-letters", "discard-all", "--task", "invoices.issue", "--tenant", tenant, "--yes")
+    assert discarded.stdout.strip() == "discarded 1 dead letter"
+    assert status_of(kept) == {kept[0]: "open", kept[1]: "discarded"}
+
+
+def test_a_parked_event_is_listed_and_published_again(running):
+    from sqlalchemy import text
+
+    from worker.storage import db
+
+    with db.engine().begin() as conn:
+        outbox_id = conn.execute(text(
+            "INSERT INTO outbox (event_id, type, tenant_id, payload, parked_at, park_reason) VALUES "
+            "(gen_random_uuid(), 'import.completed', 't-parked', '{}'::jsonb, now(), 'refused by the broker') "
+            "RETURNING id")).scalar_one()
+    parked = json.loads(cli("events", "parked", "--json").stdout)
+    assert [(e["id"], e["parkReason"]) for e in parked] == [(outbox_id, "refused by the broker")]
+    assert cli("events", "publish-again", str(outbox_id)).returncode == 0
+    with db.engine().connect() as conn:
+        wait_for(lambda: conn.execute(text("SELECT published_at IS NOT NULL FROM outbox WHERE id = :id"),
+                                      {"id": outbox_id}).scalar_one() and (conn.rollback() or True), 20,
+                 what="the relay to publish it")
+    again = cli("events", "publish-again", str(outbox_id))
+    assert again.returncode != 0 and f"no parked event {outbox_id}" in again.stderr

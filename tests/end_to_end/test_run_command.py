@@ -36,9 +36,10 @@ def strays(data_dir: Path) -> list[str]:
     return found
 
 
-def start(data_dir: Path, log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
+def start(data_dir: Path, log: Path, console_port: int = 0) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "CONSOLE_TOKEN")}
     env["DATA_DIR"] = str(data_dir)
+    env["CONSOLE_PORT"] = str(console_port)
     proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], cwd=ROOT, env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     wait_for(lambda: b"worker, beat and relay running" in log.read_bytes() or proc.poll() is not None, 90,
@@ -46,6 +47,16 @@ def start(data_dir: Path, log: Path) -> subprocess.Popen:
     assert proc.poll() is None, log.read_text()[-3000:]
     wait_for(lambda: b" ready." in log.read_bytes(), 60, what="the worker to be ready")
     return proc
+
+
+def _get(url: str) -> str | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return None
 
 
 def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -65,10 +76,17 @@ def stop(proc: subprocess.Popen) -> float:
 def test_run_on_the_embedded_default_end_to_end(tmp_path):
     data_dir = tmp_path / "data"
     log = tmp_path / "run.log"
-    proc = start(data_dir, log)
+    from tests.console.conftest import free_port
+
+    port = free_port()
+    proc = start(data_dir, log, port)
     collector = None
     try:
         printed = log.read_text()
+        # The console beside the others, its URL printed; without CONSOLE_TOKEN it is read-only.
+        assert f"console: http://127.0.0.1:{port}/ (read-only: no CONSOLE_TOKEN)" in printed
+        page = wait_for(lambda: _get(f"http://127.0.0.1:{port}/"), 30, interval=0.5, what="the console")
+        assert "Read-only: no CONSOLE_TOKEN" in page and "Dead letters" in page
         assert "embedded PostgreSQL: postgresql+psycopg://" in printed
         broker = re.search(r"embedded Redis-compatible broker: (redis://\S+)", printed)
         assert broker, printed[-3000:]

@@ -48,6 +48,10 @@ def test_status_agrees_with_the_database_and_the_broker(running, database):
     assert report["problems"] == {}
     assert report["queues"] == {queue: 0 for queue in QUEUES}
     assert "shared@localhost" in report["workers"]
+    # The session's worker and relay refresh their heartbeats; no beat runs in this session.
+    assert report["heartbeats"]["worker"]["alive"] and report["heartbeats"]["relay"]["alive"]
+    assert 0 <= report["heartbeats"]["relay"]["lastSeenAgeSeconds"] <= 20
+    assert "relay: alive, heartbeat" in status().stdout
     assert report["outbox"] == {"unpublished": 0, "oldestUnpublishedAgeSeconds": 0.0}
     assert report["deadLettersOpen"] == count("SELECT count(*) FROM dead_letters WHERE status = 'open'") == 1
     assert report["lastHour"] == {

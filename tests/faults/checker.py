@@ -32,13 +32,14 @@ from decimal import Decimal
 from typing import Any, Callable
 
 import psycopg
-from sqlalchemy.engine import make_url
 
 APPLIED, DUPLICATE, REJECTED, DEAD = "applied", "duplicate", "rejected", "dead-lettered"
 
 
 def conninfo(database_url: str) -> str:
-    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    from worker.endpoints import libpq_url
+
+    return libpq_url(database_url)  # several hosts (tests/cluster) in libpq's spelling
 
 
 @dataclass(frozen=True)

@@ -164,8 +164,9 @@ class FaultDatabase:
         pg_ctl(["-m", "immediate", "-w", "stop"], pgdata=self.server.pgdata, user=self.server.system_user)
 
     def start(self) -> None:
-        with self.server._lock:
-            self.server.ensure_postgres_running()
+        from worker.local.embedded import ensure_postgres_running
+
+        ensure_postgres_running(self.server)
 
     def terminate_backends(self, database: str) -> int:
         """pg_terminate_backend on every connection to the scenario's database but this one."""

@@ -31,7 +31,9 @@ INTRO = [
     "applied twice: an effect (payment, amount, invoice per order, event per message) counted more than",
     "once; events missing: an applied message without its events, or an invoice's sequences not 1..N.",
     "effects checked: what the checker compared for that row. A scenario that fails writes a FAILED",
-    "row with what it counted.",
+    "row with what it counted. The section \"Cluster\" is written by `make test-cluster` (tests/cluster/:",
+    "hosts as network namespaces, a three-node RabbitMQ cluster); its last column counts from the fault",
+    "itself (the kill or the cut), not from its end.",
     "",
 ]
 

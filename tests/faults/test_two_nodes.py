@@ -1,5 +1,5 @@
 """Two worker nodes (as on two hosts), two relays and two beats; pool processes SIGKILLed at
-random while 10,000 payments arrive, 30% of them sent twice. A kill counts only when its victim was
+random while 6,000 payments arrive, 30% of them sent twice. A kill counts only when its victim was
 mid-task (a transaction open: conftest.kill_pool_process), and the killing stops with the stream:
 they stop once nine tenths of the messages have their outcome, so that the final wait is for
 the worker to finish, not for the next kill."""
@@ -15,7 +15,7 @@ from tests.faults.conftest import kill_pool_process
 from tests.faults.test_broker import invoices
 from tests.faults.traffic import Stream, amounts, payment
 
-PAYMENTS = 10_000
+PAYMENTS = 6_000
 INVOICES = 100
 
 
@@ -27,7 +27,7 @@ def test_two_nodes_random_kills_and_duplicates(scenario, reliability, tmp_path):
         scenario.processes.relay()
         scenario.processes.beat(tmp_path / f"beat-{n}", extra_env=beats)
     ledger, tenant = Ledger(), "t-nodes"
-    row = reliability.row("two worker nodes, two relays, two beats; 10,000 payments, 30% sent twice",
+    row = reliability.row("two worker nodes, two relays, two beats; 6,000 payments, 30% sent twice",
                           scenario.database_url, ledger, tap)
     numbers = invoices(scenario, ledger, tenant, INVOICES)
     rng = random.Random(13)

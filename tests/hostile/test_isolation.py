@@ -75,3 +75,29 @@ def test_the_retry_scan_goes_past_a_payment_it_cannot_retry(running):
         retried = conn.exec_driver_sql("SELECT count(*) FROM payments WHERE retry_of = %(key)s",
                                        {"key": keys[second]}).scalar()
     assert retried == 1
+
+
+def test_a_broker_lost_mid_publish_fails_the_batch_and_parks_nothing(scenario):
+    """A publish with retry whose connection is gone raises kombu's OperationalError (not the
+    transport's error): the batch must fail and its rows go again, never be parked as refused.
+    Seen in the cluster scenario that SIGKILLs a RabbitMQ node: two events parked, never sent."""
+    from kombu.exceptions import OperationalError
+
+    class BrokerGone(Producer):
+        def publish(self, *args, **kwargs):
+            raise OperationalError("[Errno 104] Connection reset by peer")
+
+    url, broker = scenario.database_url, scenario.broker_url
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        outbox_row(conn)
+    sender = Relay(url, broker, pipeline=False)
+    with psycopg.connect(libpq_url(url)) as conn, Connection(broker) as connection:
+        relay.EVENTS_EXCHANGE(connection.default_channel).declare()
+        try:
+            sender.publish_batch(conn, BrokerGone(connection.default_channel))
+        except OperationalError:
+            pass
+        else:
+            raise AssertionError("the batch did not fail")
+    state = relay.status(url)
+    assert (state["unpublished"], state["parked"]) == (1, 0)

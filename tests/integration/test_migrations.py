@@ -37,7 +37,7 @@ def test_migrations_build_exactly_the_models_schema(empty_database):
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
         assert diff == []
-        assert current(empty_database) == "0006"
+        assert current(empty_database) == "0008"
         with engine.connect() as conn:
             triggers = conn.exec_driver_sql("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal").scalars().all()
         assert "outbox_notify" in triggers
@@ -59,7 +59,7 @@ def test_migrations_go_down_and_up_again(empty_database):
         engine.dispose()
     upgrade(empty_database)
     upgrade(empty_database)  # a second upgrade is a no-op
-    assert current(empty_database) == "0006"
+    assert current(empty_database) == "0008"
 
 
 def test_0006_keeps_every_payment_id_and_goes_back(empty_database):

@@ -99,16 +99,21 @@ class Channel(pyamqp.Channel):
 
     def basic_ack_many(self, delivery_tags: list[int]) -> None:
         """Acknowledge these deliveries with as few frames as the channel allows (module docstring)."""
-        wanted = set(delivery_tags)
-        # The first unsettled delivery that is not the batch's: a multiple ack must stay below it.
-        barrier = next((tag for tag in self.unsettled if tag not in wanted), None)
-        leading = sorted(tag for tag in wanted if barrier is None or tag < barrier)
-        if len(leading) > 1:
-            self.basic_ack(leading[-1], multiple=True)
-        elif leading:
-            self.basic_ack(leading[0])
-        for tag in sorted(wanted.difference(leading)):
-            self.basic_ack(tag)
+        for tag, multiple in ack_frames(list(self.unsettled), delivery_tags):
+            self.basic_ack(tag, multiple=multiple)
+
+
+def ack_frames(unsettled: list[int], wanted: list[int]) -> list[tuple[int, bool]]:
+    """The acknowledgements (tag, multiple) that settle exactly `wanted` on a channel whose unsettled
+    deliveries are `unsettled` (in tag order): one multiple acknowledgement for the wanted tags below
+    the first unsettled tag that is not wanted, when there are two or more of them, and a single one
+    for each other wanted tag. A multiple acknowledgement settles every unsettled tag up to its own,
+    so it never reaches past an unsettled delivery that is someone else's."""
+    chosen = set(wanted)
+    barrier = next((tag for tag in unsettled if tag not in chosen), None)
+    leading = sorted(tag for tag in chosen if barrier is None or tag < barrier)
+    frames = [(leading[-1], True)] if len(leading) > 1 else [(tag, False) for tag in leading]
+    return frames + [(tag, False) for tag in sorted(chosen.difference(leading))]
 
 
 class Connection(pyamqp.Connection):

@@ -567,7 +567,7 @@ class Channel(redis.Channel):
             return True
         finally:
             self._in_poll = None
-            self._flush_brpop_reauth()
+            self._after_read()
 
     def _park(self, taken: list[tuple[str, bytes, dict]], queue: str) -> set[str]:
         """Park the read's messages whose eta is more than PARK_AFTER_SECONDS ahead: out of
@@ -607,6 +607,13 @@ class Channel(redis.Channel):
             log.exception("a message the consumer could not take (%s); dead-lettering it whole", tag)
             self.connection._deliver(not_a_message(item, tag, queue), queue)
 
+    def _after_read(self) -> None:
+        """What kombu's own read does after its reply: a credential refresh that arrived during the
+        wait (kombu 5.6 on; older kombu has no re-authentication to flush)."""
+        flush = getattr(self, "_flush_brpop_reauth", None)
+        if flush is not None:
+            flush()
+
     def _read_brpop(self, **options):  # noqa: ANN003
         """A wait's reply (nothing), or kombu's BRPOP read (no scripting, or a full server)."""
         try:
@@ -626,7 +633,7 @@ class Channel(redis.Channel):
             return True
         finally:
             self._in_poll = None
-            self._flush_brpop_reauth()
+            self._after_read()
 
     @staticmethod
     def _payload(item: bytes, tag: str, queue: str) -> dict:

@@ -26,11 +26,13 @@ from typing import Any
 
 import psycopg
 from kombu import Connection, Exchange, Producer
+from kombu.exceptions import ConnectionError as KombuConnectionError
+from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps as json_dumps
 
 from worker.brokers.redis_transport import transport_for
-from worker.endpoints import libpq_url
+from worker.endpoints import CONNECT_OPTIONS, libpq_url
 from worker.operations import metrics
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,12 @@ def pipelined(producer: Producer) -> bool:
     return isinstance(producer.channel, kombu_redis.Channel)
 
 
-def publish_pipelined(producer: Producer, events: list[tuple[dict, str, str | None]]) -> None:
+def trace_headers(traceparent: str | None) -> dict[str, str]:
+    """An event's message headers: the traceparent of the message span that wrote it, when traced."""
+    return {"traceparent": traceparent} if traceparent else {}
+
+
+def publish_pipelined(producer: Producer, events: list[tuple[dict, str, str | None, str | None]]) -> None:
     """Redis: publish a batch of events with one round trip. Each message is built exactly as
     kombu's Producer.publish builds it (JSON, persistent, the event id as message_id), and routed
     as kombu's topic exchange routes it (the bindings read once per routing key and batch); the
@@ -67,9 +74,9 @@ def publish_pipelined(producer: Producer, events: list[tuple[dict, str, str | No
     routes: dict[str, list[str]] = {}
     with channel.conn_or_acquire() as client:
         pipe = client.pipeline(transaction=False)
-        for payload, routing_key, message_id in events:
+        for payload, routing_key, message_id, traceparent in events:
             body, content_type, content_encoding = producer._prepare(payload, "json", None, None, None, {})
-            message = channel.prepare_message(body, 0, content_type, content_encoding, {},
+            message = channel.prepare_message(body, 0, content_type, content_encoding, trace_headers(traceparent),
                                               {"delivery_mode": 2, "message_id": message_id})
             channel._inplace_augment_message(message, EVENTS_EXCHANGE.name, routing_key)
             if routing_key not in routes:
@@ -97,50 +104,59 @@ class Relay:
         # on a connection that never declared it, kombu routes as a direct exchange, no queue bound
         # with a pattern matches, and every event would be marked published having gone nowhere.
         producer.maybe_declare(EVENTS_EXCHANGE)
+        # Losing the broker fails the batch (its rows go again), never parks an event. Read before
+        # publishing: when the connection drops mid-publish, kombu's retry leaves
+        # producer.connection None (an except clause reading it raised AttributeError). A publish
+        # with retry=True reports a lost connection as kombu's OperationalError, not as the
+        # transport's error: without it here, two events were parked (never published) when a
+        # cluster node was SIGKILLed mid-publish.
+        broker_errors = (producer.connection.connection_errors + producer.connection.channel_errors
+                         + (OperationalError, KombuConnectionError))
         with db.transaction():
             rows = db.execute(
-                "SELECT id, type, payload, octet_length(payload::text) FROM outbox "
+                "SELECT id, type, payload, octet_length(payload::text), traceparent FROM outbox "
                 "WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
                 (self.batch,),
             ).fetchall()
             published, types, parked, size = [], [], [], 0
             sendable = []
-            for id_, type_, payload, length in rows:
+            for id_, type_, payload, length, traceparent in rows:
                 if sendable and size + length > BATCH_BYTES:
                     break  # the rest waits for the next batch (still locked until this commit)
                 size += length
                 if length > MAX_EVENT_BYTES:
                     parked.append((id_, f"the event is {length} bytes; at most {MAX_EVENT_BYTES} are sent"))
                     continue
-                sendable.append((id_, type_, payload))
+                sendable.append((id_, type_, payload, traceparent))
             if sendable and self.pipeline and pipelined(producer):
                 try:
-                    publish_pipelined(producer, [(p, t, p.get("eventId")) for _, t, p in sendable])
+                    publish_pipelined(producer, [(p, t, p.get("eventId"), tp) for _, t, p, tp in sendable])
                 except kombu_redis.redis.ResponseError as exc:  # the server refused something: one by one,
                     log.warning("relay: a pipelined batch was refused (%s); publishing it event by event", exc)
                 else:  # (where a refused event is parked alone; the ones already pushed go again)
-                    published = [id_ for id_, _, _ in sendable]
-                    types = [type_ for _, type_, _ in sendable]
+                    published = [id_ for id_, _, _, _ in sendable]
+                    types = [type_ for _, type_, _, _ in sendable]
                     sendable = []
             if sendable and self.pipeline and hasattr(producer.channel, "publish_confirmed_many"):
                 confirmed = producer.channel.publish_confirmed_many(
-                    [(self._amqp_message(producer, payload), EVENTS_EXCHANGE.name, type_) for _, type_, payload in sendable],
+                    [(self._amqp_message(producer, payload, traceparent), EVENTS_EXCHANGE.name, type_)
+                     for _, type_, payload, traceparent in sendable],
                     timeout=CONFIRM_TIMEOUT_SECONDS)
-                for (id_, type_, _), ok in zip(sendable, confirmed):
+                for (id_, type_, _, _), ok in zip(sendable, confirmed):
                     if ok:
                         published.append(id_)
                         types.append(type_)
                     else:
                         parked.append((id_, "RabbitMQ refused the event (basic.nack)"))
                 sendable = []
-            for id_, type_, payload in sendable:
+            for id_, type_, payload, traceparent in sendable:
                 try:
                     producer.publish(
                         payload, exchange=EVENTS_EXCHANGE, routing_key=type_, serializer="json", delivery_mode=2,
-                        message_id=payload.get("eventId"),
+                        message_id=payload.get("eventId"), headers=trace_headers(traceparent),
                         retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
                     )
-                except producer.connection.connection_errors + producer.connection.channel_errors:
+                except broker_errors:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the broker refused this one message
                     parked.append((id_, f"{type(exc).__name__}: {exc}"[:2000]))
@@ -158,10 +174,11 @@ class Relay:
         return len(published) + len(parked)
 
     @staticmethod
-    def _amqp_message(producer: Producer, payload: dict) -> Any:
-        """The message kombu's Producer.publish would send for this event (JSON, persistent, the event id)."""
+    def _amqp_message(producer: Producer, payload: dict, traceparent: str | None) -> Any:
+        """The message kombu's Producer.publish would send for this event (JSON, persistent, the event id,
+        the trace headers)."""
         body, content_type, content_encoding = producer._prepare(payload, "json", None, None, None, {})
-        return producer.channel.prepare_message(body, None, content_type, content_encoding, {},
+        return producer.channel.prepare_message(body, None, content_type, content_encoding, trace_headers(traceparent),
                                                 {"delivery_mode": 2, "message_id": payload.get("eventId")})
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -180,8 +197,8 @@ class Relay:
             delay = min(delay * 2, 10.0)
 
     def _serve(self, stop: threading.Event) -> None:
-        with psycopg.connect(self.conninfo, autocommit=True) as listener, \
-                psycopg.connect(self.conninfo) as db, broker_connection(self.broker_url) as broker:
+        with psycopg.connect(self.conninfo, autocommit=True, **CONNECT_OPTIONS) as listener, \
+                psycopg.connect(self.conninfo, **CONNECT_OPTIONS) as db, broker_connection(self.broker_url) as broker:
             listener.execute(f"LISTEN {CHANNEL}")
             broker.ensure_connection(max_retries=3)
             producer = Producer(broker.default_channel)
@@ -206,6 +223,29 @@ def status(database_url: str) -> dict[str, Any]:
     age = (datetime.now(timezone.utc) - oldest).total_seconds() if oldest else 0.0
     return {"unpublished": count, "oldestUnpublishedAgeSeconds": round(age, 3),
             "oldestUnpublishedAt": oldest.isoformat() if oldest else None, "publishedKept": published, "parked": parked}
+
+
+def parked(database_url: str, limit: int = 200) -> list[dict[str, Any]]:
+    """Events the relay set aside, oldest first, with the reason."""
+    with psycopg.connect(libpq_url(database_url)) as db:
+        rows = db.execute("SELECT id, event_id, type, tenant_id, invoice_id, sequence, causation_id, created_at, "
+                          "parked_at, park_reason FROM outbox WHERE parked_at IS NOT NULL AND published_at IS NULL "
+                          "ORDER BY id LIMIT %s", (limit,)).fetchall()
+    keys = ("id", "eventId", "type", "tenantId", "invoiceId", "sequence", "causationId", "createdAt", "parkedAt",
+            "parkReason")
+    return [{k: (v.isoformat() if isinstance(v, datetime) else str(v) if k in ("eventId", "invoiceId") and v else v)
+             for k, v in zip(keys, row)} for row in rows]
+
+
+def publish_again(database_url: str, outbox_id: int) -> bool:
+    """Hand a parked event back to the relay (after the cause was fixed: a broker limit raised, a
+    permission granted): it is published in order with the next batch, under its own eventId, so a
+    consumer that somehow saw it already de-duplicates it. False when no such parked event waits."""
+    with psycopg.connect(libpq_url(database_url)) as db:
+        updated = db.execute("UPDATE outbox SET parked_at = NULL, park_reason = NULL "
+                             "WHERE id = %s AND parked_at IS NOT NULL AND published_at IS NULL", (outbox_id,)).rowcount
+        db.execute(f"NOTIFY {CHANNEL}")
+    return updated == 1
 
 
 def wait_until_drained(database_url: str, timeout: float = 30.0) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 import click
@@ -56,27 +55,76 @@ def dl_show(dead_letter_id: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def dl_replay(dead_letter_id: int, body_file: Any, as_json: bool) -> None:
     """Send the stored body again as its task (or a corrected body with --body)."""
-    from worker.brokers.topology import queue_for
     from worker.celery_app import publishing_app
 
     app = publishing_app()
-    row = _row(dead_letter_id)
-    if row.status == "discarded":
-        raise click.ClickException(f"dead letter {dead_letter_id} was discarded")
-    body = json.load(body_file) if body_file else dead_letters.original_body(row.body)
-    if isinstance(body, bytes):
-        raise click.ClickException(f"dead letter {dead_letter_id} was not JSON; give a corrected body with --body")
-    task_id = str(uuid.uuid4())
-    app.send_task(row.task_name, args=[body], queue=queue_for(row.task_name), task_id=task_id)
-    dead_letters.set_status(dead_letter_id, "replayed")
-    result = {"id": dead_letter_id, "task": row.task_name, "replayedAs": task_id}
-    click.echo(json.dumps(result) if as_json else f"replayed dead letter {dead_letter_id} as {row.task_name} ({task_id})")
+    try:
+        result = dead_letters.replay(dead_letter_id, app, json.load(body_file) if body_file else None)
+    except dead_letters.NotReplayable as exc:
+        raise click.ClickException(f"{exc}" + ("; give a corrected body with --body" if "not JSON" in str(exc) else
+                                               "")) from None
+    click.echo(json.dumps(result) if as_json else
+               f"replayed dead letter {dead_letter_id} as {result['task']} ({result['replayedAs']})")
 
 
 @dead_letters_group.command("discard")
 @click.argument("dead_letter_id", type=int)
 def dl_discard(dead_letter_id: int) -> None:
     """Mark a dead letter discarded: kept for the record, never replayed."""
-    _row(dead_letter_id)
-    dead_letters.set_status(dead_letter_id, "discarded")
+    try:
+        dead_letters.discard(dead_letter_id)
+    except dead_letters.NotReplayable as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"discarded dead letter {dead_letter_id}")
+
+
+def _filter_options(command: Any) -> Any:
+    for option in reversed([
+        click.option("--reason", help="Only this reason (malformed, retries-exhausted, ...)."),
+        click.option("--task", help="Only this task name (invoices.record_payment, ...)."),
+        click.option("--tenant", help="Only this tenant's."),
+        click.option("--older-than", type=click.IntRange(min=0), help="Last seen at least this many minutes ago."),
+        click.option("--newer-than", type=click.IntRange(min=0), help="Last seen at most this many minutes ago."),
+        click.option("--yes", is_flag=True, help="Do not ask for confirmation."),
+        click.option("--json", "as_json", is_flag=True),
+    ]):
+        command = option(command)
+    return command
+
+
+def _bulk(action: str, reason: str | None, task: str | None, tenant: str | None, older_than: int | None,
+          newer_than: int | None, yes: bool, as_json: bool) -> None:
+    selection = dead_letters.Filter("open", reason, task, tenant, older_than, newer_than)
+    number, highest = dead_letters.count(selection)
+    if number == 0:
+        click.echo(json.dumps({"action": action, "done": [], "failed": {}}) if as_json else "no open dead letter matches")
+        return
+    if not yes:
+        click.confirm(f"{action} {number} open dead letter{'s' if number != 1 else ''}?", abort=True, err=True)
+    app = None
+    if action == "replay":
+        from worker.celery_app import publishing_app
+
+        app = publishing_app()
+    # Pinned to the rows counted: one dead-lettered meanwhile is not swept along unseen.
+    result = dead_letters.bulk(dead_letters.Filter(**{**selection.__dict__, "up_to_id": highest}), action, app)
+    if as_json:
+        click.echo(json.dumps({"action": action, "done": result.done, "failed": result.failed}))
+        return
+    click.echo(f"{action}ed {len(result.done)} dead letter{'s' if len(result.done) != 1 else ''}")
+    for dead_letter_id, problem in result.failed.items():
+        click.echo(f"  {dead_letter_id}: {problem}", err=True)
+
+
+@dead_letters_group.command("replay-all")
+@_filter_options
+def dl_replay_all(**options: Any) -> None:
+    """Replay every open dead letter the filter selects (asks first, stating how many)."""
+    _bulk("replay", **options)
+
+
+@dead_letters_group.command("discard-all")
+@_filter_options
+def dl_discard_all(**options: Any) -> None:
+    """Discard every open dead letter the filter selects (asks first, stating how many)."""
+    _bulk("discard", **options)

@@ -27,6 +27,35 @@ def events_status(as_json: bool) -> None:
                f"published (kept): {data['publishedKept']}  parked: {data['parked']}")
 
 
+@events.command("parked")
+@click.option("--json", "as_json", is_flag=True)
+def events_parked(as_json: bool) -> None:
+    """Events the relay set aside (the broker refused them), with the reason."""
+    from worker.brokers.relay import parked
+    from worker.endpoints import database_url
+
+    rows = parked(database_url())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['id']}  {r['type']}  tenant {r['tenantId']}  parked {r['parkedAt']}: {r['parkReason']}")
+    if not rows:
+        click.echo("no parked event")
+
+
+@events.command("publish-again")
+@click.argument("outbox_id", type=int)
+def events_publish_again(outbox_id: int) -> None:
+    """Hand a parked event back to the relay, to be published with the next batch."""
+    from worker.brokers.relay import publish_again
+    from worker.endpoints import database_url
+
+    if not publish_again(database_url(), outbox_id):
+        raise click.ClickException(f"no parked event {outbox_id}")
+    click.echo(f"event {outbox_id} handed back to the relay")
+
+
 @events.command("tail")
 @click.option("--type", "types", multiple=True, help="Only events of this type (repeatable; default all).")
 @click.option("--count", type=int, default=0, help="Stop after this many events (0: run until a signal).")

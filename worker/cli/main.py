@@ -91,7 +91,33 @@ def relay() -> None:
     from worker.operations.endpoint import serve_relay
 
     serve_relay(database_url(), broker_url())
+    from worker.operations import heartbeats
+
+    heartbeats.start("relay", database_url())
     Relay(database_url(), broker_url(), batch=settings().relay_batch_size).run(stop)
+
+
+@cli.command()
+@click.option("--address", help="Listen on this address (default CONSOLE_ADDRESS, 127.0.0.1).")
+@click.option("--port", type=int, help="Listen on this port (default CONSOLE_PORT, 8808).")
+def console(address: str | None, port: int | None) -> None:
+    """Serve the operator's console in the browser (also served by `run`)."""
+    from worker.config import settings
+    from worker.console.access import BindingRefused
+    from worker.console.serve import serve, url
+    from worker.endpoints import broker_url, database_url
+
+    config = settings()
+    address, port = address or config.console_address, config.console_port if port is None else port
+    try:
+        from worker.console.access import check_binding
+
+        check_binding(address, config.console_tokens)
+    except BindingRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"console: {url(address, port)}" + ("" if config.console_tokens else " (read-only: no CONSOLE_TOKEN)"),
+               err=True)
+    serve(address, port, config.console_tokens, database_url(), broker_url())
 
 
 @cli.command()

@@ -27,6 +27,7 @@ def gather(database_url: str, broker_url: str, ping_timeout: float = 1.0) -> dic
 
     from worker.celery_app import app
     from worker.endpoints import libpq_url
+    from worker.operations import heartbeats
     from worker.operations.health import Snapshot, read_database, read_queues
 
     snapshot = Snapshot(taken=0.0)
@@ -41,6 +42,7 @@ def gather(database_url: str, broker_url: str, ping_timeout: float = 1.0) -> dic
         "deadLettersOpen": snapshot.dead_letters_open,
         "lastHour": None,
         "lastAppliedAgeSeconds": None,
+        "heartbeats": None,
         "problems": dict(snapshot.problems),
     }
     if "database" not in snapshot.problems:
@@ -48,6 +50,8 @@ def gather(database_url: str, broker_url: str, ping_timeout: float = 1.0) -> dic
             applied, rejected, duplicate = db.execute(LAST_HOUR).fetchone()
             (dead_lettered,) = db.execute(DEAD_LETTERED_LAST_HOUR).fetchone()
             (age,) = db.execute(LAST_APPLIED).fetchone()
+            report["heartbeats"] = {component: {"alive": seen["alive"], "lastSeenAgeSeconds": seen["lastSeenAgeSeconds"]}
+                                    for component, seen in heartbeats.read(db).items()}
         report["lastHour"] = {"applied": applied, "rejected": rejected, "duplicate": duplicate,
                               "deadLettered": dead_lettered}
         report["lastAppliedAgeSeconds"] = age
@@ -80,6 +84,8 @@ def show(report: dict[str, Any]) -> None:
     workers = report["workers"]
     out.print(f"workers answering ping: {len(workers)} ({', '.join(workers)})" if workers is not None else
               "workers answering ping: unknown")
+    for component, seen in (report.get("heartbeats") or {}).items():
+        out.print(f"{component}: {'alive' if seen['alive'] else 'NOT SEEN'}, heartbeat {_age(seen['lastSeenAgeSeconds'])}")
     outbox = report["outbox"]
     if outbox is not None:
         out.print(f"outbox: {outbox['unpublished']} unpublished, oldest "
@@ -97,7 +103,7 @@ def show(report: dict[str, Any]) -> None:
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json: bool) -> None:
-    """One screen: queue depths, workers answering, outbox lag, open dead letters, the last hour."""
+    """One screen: queue depths, workers answering, worker/relay/beat heartbeats, outbox lag, open dead letters, the last hour."""
     from worker.celery_app import publishing_app
     from worker.endpoints import broker_url, database_url
 

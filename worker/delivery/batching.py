@@ -60,7 +60,7 @@ from worker.delivery.handling import (
     parse,
     rejection,
 )
-from worker.operations import logs, metrics
+from worker.operations import logs, metrics, tracing
 from worker.storage import db
 from worker.storage.unit_of_work import (
     HISTORY_INSERT,
@@ -191,7 +191,7 @@ class Batcher:
                 return None
             request = self.events.request(task_id, task, message)
             entry = Entry(name, task_id, message.body, message.content_type, message.content_encoding,
-                          {k: headers.get(k) for k in ("id", "root_id", "parent_id", "origin")},
+                          {k: headers.get(k) for k in ("id", "root_id", "parent_id", "origin", *tracing.CONTEXT_HEADERS)},
                           self.events.received(request))
             self.buffer.append(Pending(entry, message, request))
             signals.task_received.send(sender=consumer, request=None)
@@ -312,6 +312,8 @@ class Item:
     copy_of: "Item | None" = None
     # Its invoice is held by another transaction: it leaves the batch and comes back later.
     deferred: bool = False
+    span: Any = None  # its tracing span (worker/operations/tracing.py), None when tracing is off
+    traceparent: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -320,6 +322,11 @@ class Item:
 
 def apply_batch(entries: list[Entry]) -> list[str]:
     """Apply a batch of messages; return, per message, whether to acknowledge it or hand it back."""
+    with tracing.batch(len(entries)):
+        return _apply_batch(entries)
+
+
+def _apply_batch(entries: list[Entry]) -> list[str]:
     started = time.perf_counter()
     actions = [ACK] * len(entries)
     items: list[Item] = []
@@ -329,9 +336,16 @@ def apply_batch(entries: list[Entry]) -> list[str]:
             actions[index] = REQUEUE
         elif item.message is not None:
             items.append(item)
+            if tracing.on():
+                item.span = tracing.message_span(entry.task, entry.delivery_id, entry.headers, item.body)
+                item.traceparent = tracing.traceparent_of(item.span)
     if items:
         for item in _apply(items):
             actions[item.index] = ACK if _send_again(item) else REQUEUE
+    if tracing.on():
+        for item in items:
+            tracing.ended(item.span, item.outcome.outcome if actions[item.index] == ACK and item.outcome
+                          else "sent-again" if actions[item.index] == ACK else "handed-back")
     seconds = (time.perf_counter() - started) / max(1, len(entries))
     for item in items:
         if actions[item.index] == ACK and item.outcome is not None:
@@ -358,7 +372,8 @@ def _send_again(item: Item) -> bool:
         current_app.send_task(item.entry.task, args=[item.body], task_id=item.entry.delivery_id,
                               queue=queue_for(item.entry.task), retries=retries + 1,
                               countdown=backoff(retries) if item.deferred else None,
-                              root_id=headers.get("root_id"), parent_id=headers.get("parent_id"))
+                              root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
+                              headers=tracing.carried(headers) or None)
     except Exception as exc:  # noqa: BLE001 - the broker is away: it gets the message back instead
         log.warning("could not send %s %s again (%s: %s); handing it back", item.entry.task, item.entry.delivery_id,
                     type(exc).__name__, exc)
@@ -442,10 +457,12 @@ def _transaction(session: Session, items: list[Item], savepoints: bool) -> list[
         item.copy_of = first.get(item.key)
         if item.copy_of is None:
             first[item.key] = item
-    claimed = _claim(connection, list(first.values()))
-    earlier = _first_outcomes(connection, [item.key for item in first.values() if item.key not in claimed])
+    with tracing.step("claim"):
+        claimed = _claim(connection, list(first.values()))
+        earlier = _first_outcomes(connection, [item.key for item in first.values() if item.key not in claimed])
     fresh = [item for item in first.values() if item.key in claimed]
-    preloaded, held = _load_and_lock(session, fresh)
+    with tracing.step("load"):
+        preloaded, held = _load_and_lock(session, fresh)
 
     outbox: list[dict[str, Any]] = []
     history: list[dict[str, Any]] = []
@@ -465,6 +482,7 @@ def _transaction(session: Session, items: list[Item], savepoints: bool) -> list[
         uow = UnitOfWork(session, tenant_id=item.message.tenant_id, message_id=item.message.message_id,
                          task=item.entry.task)
         uow.preloaded = preloaded
+        uow.traceparent = item.traceparent
         if savepoints:
             outcome = _in_savepoint(session, uow, item)
             if outcome is None:
@@ -481,10 +499,26 @@ def _transaction(session: Session, items: list[Item], savepoints: bool) -> list[
         history.extend(uow._history)
     if not savepoints:
         try:
-            session.flush()
+            with tracing.step("flush"):
+                session.flush()
         except (IntegrityError, DataError, StaleDataError) as exc:
             raise Unsure("the batch's flush") from exc
 
+    with tracing.step("commit"):  # the batch's multi-row writes and its COMMIT
+        _write(session, connection, items, claimed, handed_back, outbox, history)
+
+    for item in items:
+        if item.copy_of is not None:
+            if item.copy_of in handed_back:
+                item.deferred = item.copy_of.deferred
+                handed_back.append(item)
+            else:
+                item.outcome = _as_duplicate(item.copy_of.outcome, item.message.message_id)
+    return handed_back
+
+
+def _write(session: Session, connection: Any, items: list[Item], claimed: set[tuple[str, str]],
+           handed_back: list[Item], outbox: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
     if handed_back:  # their claims go, so that their next run is not taken for a duplicate
         keys = [item.key for item in handed_back if item.key in claimed]
         if keys:
@@ -498,15 +532,6 @@ def _transaction(session: Session, items: list[Item], savepoints: bool) -> list[
     if history:
         connection.execute(HISTORY_INSERT, history)
     session.commit()
-
-    for item in items:
-        if item.copy_of is not None:
-            if item.copy_of in handed_back:
-                item.deferred = item.copy_of.deferred
-                handed_back.append(item)
-            else:
-                item.outcome = _as_duplicate(item.copy_of.outcome, item.message.message_id)
-    return handed_back
 
 
 def _in_savepoint(session: Session, uow: UnitOfWork, item: Item) -> Outcome | None:

@@ -10,7 +10,9 @@ import logging
 import re
 import reprlib
 import time
+import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 from sqlalchemy import func, select
@@ -147,6 +149,150 @@ def set_status(dead_letter_id: int, status: str) -> None:
         row = session.get(DeadLetter, dead_letter_id, with_for_update=True)
         if row is not None:
             row.status = status
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which dead letters an operator means: the same selection for a list, a count and a bulk
+    action (CLI and console). `up_to_id` pins a bulk action to the rows that were counted when it
+    was confirmed: a dead letter stored after that is not swept along."""
+
+    status: str | None = "open"
+    reason: str | None = None
+    task: str | None = None
+    tenant: str | None = None
+    older_than_minutes: int | None = None  # last seen at least this long ago
+    newer_than_minutes: int | None = None  # last seen at most this long ago
+    up_to_id: int | None = None
+
+    def where(self) -> list[Any]:
+        now = datetime.now(timezone.utc)
+        clauses: list[Any] = []
+        if self.status:
+            clauses.append(DeadLetter.status == self.status)
+        if self.reason:
+            clauses.append(DeadLetter.reason == self.reason)
+        if self.task:
+            clauses.append(DeadLetter.task_name == self.task)
+        if self.tenant:
+            clauses.append(DeadLetter.tenant_id == self.tenant)
+        if self.older_than_minutes is not None:
+            clauses.append(DeadLetter.last_seen <= now - timedelta(minutes=self.older_than_minutes))
+        if self.newer_than_minutes is not None:
+            clauses.append(DeadLetter.last_seen >= now - timedelta(minutes=self.newer_than_minutes))
+        if self.up_to_id is not None:
+            clauses.append(DeadLetter.id <= self.up_to_id)
+        return clauses
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, "")}
+
+
+def page(selection: Filter, before_id: int | None = None, limit: int = 50) -> list[DeadLetter]:
+    """Newest first, `limit` rows with an id below `before_id`: keyset pagination, as fast on page
+    2,000 as on page 1 (the (status, id) indexes; no OFFSET)."""
+    query = select(DeadLetter).where(*selection.where()).order_by(DeadLetter.id.desc()).limit(limit)
+    if before_id is not None:
+        query = query.where(DeadLetter.id < before_id)
+    with db.sessions()() as session:
+        return list(session.scalars(query))
+
+
+def count(selection: Filter) -> tuple[int, int | None]:
+    """How many dead letters the filter selects, and the highest id among them (a bulk action's `up_to_id`)."""
+    with db.sessions()() as session:
+        number, highest = session.execute(select(func.count(), func.max(DeadLetter.id)).where(*selection.where())).one()
+    return number, highest
+
+
+def count_up_to(selection: Filter, cap: int) -> int:
+    """How many the filter selects, counting no further than `cap` (a list shows "10,000+")."""
+    inner = select(DeadLetter.id).where(*selection.where()).limit(cap).subquery()
+    with db.sessions()() as session:
+        return session.execute(select(func.count()).select_from(inner)).scalar_one()
+
+
+def reasons(status: str = "open") -> list[str]:
+    """The reasons among the dead letters of a status: a skip scan of the (status, reason, id)
+    index, a handful of index probes however many rows there are."""
+    from sqlalchemy import text
+
+    with db.sessions()() as session:
+        return list(session.scalars(text("""
+            WITH RECURSIVE r(reason) AS (
+              (SELECT reason FROM dead_letters WHERE status = :status ORDER BY reason LIMIT 1)
+              UNION ALL
+              SELECT (SELECT d.reason FROM dead_letters d WHERE d.status = :status AND d.reason > r.reason
+                      ORDER BY d.reason LIMIT 1) FROM r WHERE r.reason IS NOT NULL)
+            SELECT reason FROM r WHERE reason IS NOT NULL"""), {"status": status}))
+
+
+def by_reason(status: str = "open") -> list[tuple[str, int]]:
+    with db.sessions()() as session:
+        rows = session.execute(select(DeadLetter.reason, func.count()).where(DeadLetter.status == status)
+                               .group_by(DeadLetter.reason).order_by(func.count().desc()))
+        return [(reason, number) for reason, number in rows]
+
+
+class NotReplayable(Exception):
+    """The dead letter cannot be replayed as it is (discarded, missing, or its body was not JSON)."""
+
+
+def replay(dead_letter_id: int, app: Any, body: Any = None) -> dict[str, Any]:
+    """Send the stored body again as its task (or a corrected `body`), under a new task id, then
+    mark the dead letter replayed. The message goes through the broker like any other: its
+    messageId keeps it exactly once (a replay of something that was applied meanwhile is a
+    duplicate). `app` is the publishing Celery app (worker.celery_app.publishing_app())."""
+    from worker.brokers.topology import queue_for
+
+    row = get(dead_letter_id)
+    if row is None:
+        raise NotReplayable(f"no dead letter {dead_letter_id}")
+    if row.status == "discarded":
+        raise NotReplayable(f"dead letter {dead_letter_id} was discarded")
+    body = original_body(row.body) if body is None else body
+    if isinstance(body, bytes):
+        raise NotReplayable(f"dead letter {dead_letter_id} was not JSON; give a corrected body")
+    task_id = str(uuid.uuid4())
+    app.send_task(row.task_name, args=[body], queue=queue_for(row.task_name), task_id=task_id)
+    set_status(dead_letter_id, "replayed")
+    return {"id": dead_letter_id, "task": row.task_name, "replayedAs": task_id}
+
+
+def discard(dead_letter_id: int) -> None:
+    """Kept for the record, never replayed."""
+    if get(dead_letter_id) is None:
+        raise NotReplayable(f"no dead letter {dead_letter_id}")
+    set_status(dead_letter_id, "discarded")
+
+
+@dataclass
+class BulkResult:
+    done: list[int]
+    failed: dict[int, str]
+
+
+def bulk(selection: Filter, action: str, app: Any = None, chunk: int = 500) -> BulkResult:
+    """Replay or discard every dead letter the filter selects (pin it with `up_to_id` first: see
+    Filter), one row at a time through `replay` and `discard`, so that each keeps its guarantees."""
+    if action not in ("replay", "discard"):
+        raise ValueError(f"unknown bulk action {action!r}")
+    result = BulkResult([], {})
+    before: int | None = None
+    while True:
+        rows = page(selection, before, chunk)
+        if not rows:
+            return result
+        for row in rows:
+            try:
+                if action == "replay":
+                    replay(row.id, app)
+                else:
+                    discard(row.id)
+                result.done.append(row.id)
+            except NotReplayable as exc:
+                result.failed[row.id] = str(exc)
+        before = rows[-1].id
 
 
 def to_json(row: DeadLetter) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from messages.fields import describe_validation
 from models.errors import DomainError
 from worker.delivery import dead_letters
+from worker.operations import tracing
 from worker.storage import db
 from worker.storage.unit_of_work import Outcome, UnitOfWork
 
@@ -72,6 +73,7 @@ def execute(task: str, message: Any, operation: Operation) -> Outcome:
         try:
             with db.sessions()() as session:
                 uow = UnitOfWork(session, tenant_id=tenant_id, message_id=message_id, task=task)
+                uow.traceparent = tracing.traceparent()
                 duplicate = uow.claim()
                 if duplicate is not None:
                     session.rollback()
@@ -99,6 +101,7 @@ def reject(session: Any, task: str, message: Any, error: DomainError) -> Outcome
     """Commit the rejection and its command.rejected event in a fresh transaction (the change
     was rolled back). If another copy claimed the messageId meanwhile, that copy's outcome wins."""
     uow = UnitOfWork(session, tenant_id=message.tenant_id, message_id=message.message_id, task=task)
+    uow.traceparent = tracing.traceparent()
     duplicate = uow.claim()
     if duplicate is not None:
         session.rollback()

@@ -38,6 +38,7 @@ from kombu import Consumer, Exchange, Queue
 
 from worker.brokers import topology
 from worker.delivery import dead_letters
+from worker.operations import tracing
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Ingress:
         body, queue = outcome
         try:
             # Confirmed by the broker (confirm_publish) before the plain message is acknowledged.
-            self.app.send_task(task, args=[body], queue=queue, task_id=str(uuid.uuid4()), headers={"ingress": True})
+            self.app.send_task(task, args=[body], queue=queue, task_id=str(uuid.uuid4()), headers={"ingress": True, **tracing.carried(message.headers)})
         except Exception:  # noqa: BLE001 - the broker away: the message goes back, not lost
             log.exception("ingress: cannot publish %s as a task now; handing it back", delivery_id)
             return self._hand_back(message)

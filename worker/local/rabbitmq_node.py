@@ -21,6 +21,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.local.hosts import Host
 
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 DIAGNOSTICS = Path("/usr/lib/rabbitmq/bin/rabbitmq-diagnostics")
@@ -61,14 +65,30 @@ def free_port() -> int:
 
 
 class RabbitNode:
-    """One node under `root`. start() and kill() may be called again (same port, same data)."""
+    """One node under `root`. start() and kill() may be called again (same port, same data).
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    With a `host` (worker/local/hosts.py) the node runs in that host's network namespace as
+    `rabbit@<address>` (an Erlang long name: no /etc/hosts needed), on the standard ports of its
+    address, with `config` added to its rabbitmq.conf and the `cookie` its cluster shares
+    (worker/local/cluster.py)."""
+
+    def __init__(self, root: Path, port: int | None = None, *, host: "Host | None" = None,
+                 config: str = "", cookie: str | None = None) -> None:
         self.root = Path(root)
-        self.port = port or free_port()
-        self.dist_port = free_port()
-        self.name = f"invoice-{self.port}@localhost"
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        self.host = host
+        self.extra_config = config
+        self.cookie = cookie
+        if host is None:
+            self.address = "127.0.0.1"
+            self.port = port or free_port()
+            self.dist_port = free_port()
+            self.name = f"invoice-{self.port}@localhost"
+        else:
+            self.address = host.address
+            self.port = port or 5672
+            self.dist_port = 25672
+            self.name = f"rabbit@{host.address}"
+        self.url = f"amqp://guest:guest@{self.address}:{self.port}//"
         self.process: subprocess.Popen | None = None
         self._user = pwd.getpwnam("rabbitmq") if os.geteuid() == 0 else None
 
@@ -76,23 +96,39 @@ class RabbitNode:
         return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.root), "LANG": "C.UTF-8",
             "RABBITMQ_NODENAME": self.name, "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port), "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_DIST_PORT": str(self.dist_port), "RABBITMQ_NODE_IP_ADDRESS": self.address,
             "RABBITMQ_MNESIA_BASE": str(self.root / "mnesia"), "RABBITMQ_LOG_BASE": str(self.root / "log"),
             "RABBITMQ_CONFIG_FILE": str(self.root / "rabbitmq.conf"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.root / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(self.root / "node.pid"),
             "RABBITMQ_CONF_ENV_FILE": str(self.root / "rabbitmq-env.conf"),
+            **({"RABBITMQ_USE_LONGNAME": "true"} if self.host is not None else {}),
         }
+
+    def _command(self, argv: list[str]) -> tuple[list[str], dict]:
+        """argv and Popen's keywords to run it as the node's user (on its host)."""
+        if self.host is None:
+            return argv, self._run_as()
+        # `ip netns exec` needs root; the user changes inside the namespace
+        user = [] if self._user is None else ["setpriv", f"--reuid={self._user.pw_uid}",
+                                                f"--regid={self._user.pw_gid}", "--clear-groups"]
+        return self.host.argv([*user, *argv]), {}
 
     def _prepare(self) -> None:
         for folder in (self.root, self.root / "mnesia", self.root / "log"):
             folder.mkdir(parents=True, exist_ok=True)
         (self.root / "definitions.json").write_text(json.dumps(DEFINITIONS))
-        (self.root / "rabbitmq.conf").write_text(CONFIG.format(port=self.port, definitions=self.root / "definitions.json"))
+        config = CONFIG.format(port=self.port, definitions=self.root / "definitions.json")
+        if self.host is not None:  # clients come from other hosts: guest may log in from anywhere
+            config = config.replace("loopback_users.guest = true", "loopback_users.guest = false")
+        (self.root / "rabbitmq.conf").write_text(config + self.extra_config)
         (self.root / "enabled_plugins").write_text("[].\n")
         (self.root / "rabbitmq-env.conf").write_text("")
         cookie = self.root / ".erlang.cookie"
-        if not cookie.exists():
+        if self.cookie is not None:
+            cookie.unlink(missing_ok=True)
+            cookie.write_text(self.cookie)
+        elif not cookie.exists():
             cookie.write_text(secrets.token_hex(16).upper())
         cookie.chmod(0o400)
         if self._user is not None:
@@ -110,8 +146,9 @@ class RabbitNode:
             raise RuntimeError(INSTALL_HINT)
         self._prepare()
         log = (self.root / "server.out").open("ab")
-        self.process = subprocess.Popen([str(SERVER)], env=self._env(), cwd=self.root, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True, **self._run_as())
+        argv, user = self._command([str(SERVER)])
+        self.process = subprocess.Popen(argv, env=self._env(), cwd=self.root, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True, **user)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -126,15 +163,21 @@ class RabbitNode:
         """The node is up and its AMQP listener takes connections (`rabbitmq-diagnostics ping` only
         says that the Erlang node runs; the listener starts last)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            with socket.create_connection((self.address, self.port), timeout=1) as sock:
                 sock.sendall(b"AMQP\x00\x00\x09\x01")
                 return sock.recv(1)[:1] == b"\x01"  # the frame type of connection.start
         except OSError:
             return False
 
     def diagnostics(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(DIAGNOSTICS), "-q", "-n", self.name, *args], env=self._env(), cwd=self.root,
-                              capture_output=True, text=True, timeout=60, **self._run_as())
+        return self.cli(DIAGNOSTICS.name, *args)
+
+    def cli(self, tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """One of RabbitMQ's command-line tools (rabbitmqctl, rabbitmq-queues, ...) against this node."""
+        argv, user = self._command([str(DIAGNOSTICS.parent / tool), "-q", *(["-l"] if self.host else []),
+                                    "-n", self.name, *args])
+        return subprocess.run(argv, env=self._env(), cwd=self.root, capture_output=True, text=True,
+                              timeout=timeout, **user)
 
     def kill(self) -> None:
         """SIGKILL the node: no shutdown; what quorum queues wrote to their log stays."""

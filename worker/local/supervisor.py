@@ -56,7 +56,24 @@ def children(data_dir: str) -> list[Child]:
         Child("beat", [python, "-m", "celery", "-A", "worker", *quiet, "beat", "--loglevel", "INFO",
                        "-s", os.path.join(data_dir, "celerybeat-schedule")], extra_env=silent),
         Child("relay", [python, "-m", "worker.cli", "relay"], extra_env=silent),
-    ]
+    ] + ([Child("console", [python, "-m", "worker.cli", "console"], extra_env=silent)] if console_url() else [])
+
+
+def console_url() -> str | None:
+    """Where `run` serves the console; None when CONSOLE_PORT is 0 or the console would refuse to
+    start (beyond loopback without CONSOLE_TOKEN: logged as an error, the worker runs without it)."""
+    from worker.console.access import BindingRefused, check_binding
+    from worker.console.serve import url
+
+    config = settings()
+    if not config.console_port:
+        return None
+    try:
+        check_binding(config.console_address, config.console_tokens)
+    except BindingRefused as exc:
+        log.error("console not started: %s", exc)
+        return None
+    return url(config.console_address, config.console_port)
 
 
 def run() -> int:
@@ -103,6 +120,8 @@ def run() -> int:
         procs = children(str(_state_dir(config.data_dir)))
         for child in procs:
             child.start(env)
+        if (address := console_url()) is not None:
+            announce(f"console: {address}" + ("" if settings().console_tokens else " (read-only: no CONSOLE_TOKEN)"))
         announce("worker, beat and relay running; Ctrl-C stops them")
         _supervise(procs, env, stop)
     finally:

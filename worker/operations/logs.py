@@ -22,12 +22,15 @@ task_log = logging.getLogger("worker.task")
 
 
 def secrets() -> list[str]:
-    """What must never be written: signing secrets and URL passwords of this process's settings."""
+    """What must never be written: signing secrets, console token secrets and URL passwords of this
+    process's settings."""
     from sqlalchemy.engine import make_url
 
     config = settings()
     found = [s.strip() for s in (config.callback_signing_secret or "").split(",")]
-    for url in (config.database_url, config.broker_url):
+    found += list(config.console_tokens)  # the console's token secrets (their names may show)
+    urls = [config.database_url, *(config.broker_url or "").split(";")]  # a cluster's nodes: each one
+    for url in urls:
         if url:
             try:
                 found.append(make_url(url).password or "")

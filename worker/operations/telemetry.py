@@ -77,6 +77,21 @@ def readiness() -> tuple[bool, dict[str, Any]] | None:
     return probe.readiness() if probe is not None else None
 
 
+@signals.worker_ready.connect
+def _heartbeat_of_worker(**_: Any) -> None:
+    """The worker says it is alive in `heartbeats` (worker/operations/heartbeats.py)."""
+    from worker.operations import heartbeats
+
+    _worker["heartbeat"] = heartbeats.start("worker")
+
+
+@signals.beat_init.connect
+def _heartbeat_of_beat(**_: Any) -> None:
+    from worker.operations import heartbeats
+
+    _worker["heartbeat"] = heartbeats.start("beat")
+
+
 @signals.task_received.connect
 def _received(**_: Any) -> None:
     consumption = _worker.get("consumption")

@@ -39,7 +39,7 @@ from worker.storage.unit_of_work import Outcome, UnitOfWork, event_envelope, occ
 INVOICE_COLUMNS = [c.name for c in Invoice.__table__.columns]
 _invoice_values = operator.attrgetter(*INVOICE_COLUMNS)
 LINE_COLUMNS = ["invoice_id", "position", "sku", "description", "quantity", "unit_price", "discount_amount", "line_total"]
-OUTBOX_COLUMNS = ["event_id", "type", "tenant_id", "invoice_id", "sequence", "causation_id", "payload"]
+OUTBOX_COLUMNS = ["event_id", "type", "tenant_id", "invoice_id", "sequence", "causation_id", "payload", "traceparent"]
 HISTORY_COLUMNS = ["tenant_id", "invoice_id", "invoice_number", "message_id", "causation_id", "task", "events",
                    "status_before", "status_after", "currency", "invoice_total", "amount_paid", "balance"]
 JSON_COLUMNS = {"customer", "sales_rep", "discount"}
@@ -113,6 +113,7 @@ class Batch:
     # invoice id → (status before, [{type, sequence}]): one invoice_history row each.
     history: dict[uuid.UUID, tuple[str | None, list[dict[str, Any]]]] = field(default_factory=dict)
     at: str = ""  # occurredAt of the batch's events: its moment, made once
+    traceparent: str | None = None  # of the message's span, kept with each event (tracing on)
 
     def __post_init__(self) -> None:
         self.at = occurred_at(self.now)
@@ -130,7 +131,7 @@ class Batch:
                                  invoice_number=invoice.invoice_number, sequence=invoice.event_sequence,
                                  causation_id=self.message_id, data=data, at=self.at)
         self.outbox.append((payload["eventId"], type_, self.tenant_id, payload["invoiceId"], invoice.event_sequence,
-                            self.message_id, json_text(payload)))
+                            self.message_id, json_text(payload), self.traceparent))
 
 
 # A fingerprint of this form: "2:" and a 248-bit BLAKE2b of the entry's content as JSON with sorted
@@ -346,7 +347,7 @@ def import_batch(uow: UnitOfWork, message: BulkImport) -> Outcome:
 
 def _import_batch(uow: UnitOfWork, message: BulkImport) -> Outcome:
     now = datetime.now(timezone.utc)
-    batch = Batch(message.tenant_id, message.message_id, message.batch_id, now)
+    batch = Batch(message.tenant_id, message.message_id, message.batch_id, now, traceparent=uow.traceparent)
     validate(message.tenant_id, message.invoices, now, batch)
     # No lock of the tenant: two batches run side by side. Existing invoices are locked in number
     # order, new ones inserted in number order, so overlapping batches wait for each other instead

@@ -9,7 +9,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.config import settings
-from worker.endpoints import database_url
+from worker.endpoints import CONNECT_OPTIONS, IDLE_IN_TRANSACTION_MS, database_url
 
 _lock = threading.Lock()
 _engine: Engine | None = None
@@ -26,7 +26,9 @@ def engine() -> Engine:
                 _engine.dispose(close=False)
             config = settings()
             _engine = create_engine(database_url(), pool_size=4, max_overflow=4, pool_recycle=1800, connect_args={
-                "options": f"-c statement_timeout={config.statement_timeout_ms} -c lock_timeout={config.lock_timeout_ms}",
+                "options": f"-c statement_timeout={config.statement_timeout_ms} -c lock_timeout={config.lock_timeout_ms}"
+                           f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
+                **CONNECT_OPTIONS,
             })
             _engine_pid = os.getpid()
             # No autoflush: the unit of work writes everything at commit, in one flush. With autoflush

@@ -30,7 +30,11 @@ class InboxMessage(Base):
     same transaction as the change it caused."""
 
     __tablename__ = "inbox"
-    __table_args__ = (Index("ix_inbox_prunable", "processed_at", postgresql_where=INBOX_PRUNABLE),)
+    __table_args__ = (Index("ix_inbox_prunable", "processed_at", postgresql_where=INBOX_PRUNABLE),
+                      # The last hour's outcomes (status, the console's chart) without reading the whole
+                      # table. BRIN: a few pages, next to nothing per insert on the hot path (rows arrive in
+                      # processed_at order; the newest, unsummarised ranges are always read).
+                      Index("ix_inbox_processed_at_brin", "processed_at", postgresql_using="brin"))
 
     tenant_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     message_id: Mapped[str] = mapped_column(String(200), primary_key=True)
@@ -61,6 +65,8 @@ class OutboxEvent(Base):
     sequence: Mapped[int | None] = mapped_column(Integer)
     causation_id: Mapped[str | None] = mapped_column(String(200))
     payload: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    # The W3C traceparent of the message span that wrote the event (tracing on), sent as its header.
+    traceparent: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("clock_timestamp()"))
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Set aside by the relay: the broker refused this event (or it is too large to send); it waits
@@ -73,7 +79,13 @@ class DeadLetter(Base):
     """A message the worker could not apply, stored whole so that an operator can replay it."""
 
     __tablename__ = "dead_letters"
-    __table_args__ = (Index("ix_dead_letters_closed_last_seen", "last_seen", postgresql_where=text("status <> 'open'")),)
+    __table_args__ = (Index("ix_dead_letters_closed_last_seen", "last_seen", postgresql_where=text("status <> 'open'")),
+                      # The console's list, newest first within a status (keyset pagination on id), and
+                      # its filters by reason and by tenant (worker/console: 100,000 rows stay fast).
+                      Index("ix_dead_letters_status_id", "status", "id"),
+                      Index("ix_dead_letters_status_reason_id", "status", "reason", "id"),
+                      Index("ix_dead_letters_status_tenant_id", "status", "tenant_id", "id"),
+                      Index("ix_dead_letters_first_seen", "first_seen"))
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     # The worker's own key (dead_letters.fingerprint): the same delivery of the same message is one row.
@@ -171,3 +183,30 @@ class InvoiceHistory(Base):
     invoice_total: Mapped[Decimal] = mapped_column(MONEY)
     amount_paid: Mapped[Decimal] = mapped_column(MONEY)
     balance: Mapped[Decimal] = mapped_column(MONEY)
+
+
+class Heartbeat(Base):
+    """A process of the worker (worker, relay, beat) saying it is alive: it refreshes `seen_at`
+    every few seconds (worker/operations/heartbeats.py); `status` and the console read it."""
+
+    __tablename__ = "heartbeats"
+
+    component: Mapped[str] = mapped_column(String(20), primary_key=True)
+    instance: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+
+
+class ConsoleAudit(Base):
+    """Every action taken in the operator's console: who (the token's name), what, which rows, when."""
+
+    __tablename__ = "console_audit"
+    __table_args__ = (Index("ix_console_audit_at", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    who: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(50))
+    # What the action selected: dead-letter or outbox ids, and the filter of a bulk action.
+    target: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    detail: Mapped[str | None] = mapped_column(Text)

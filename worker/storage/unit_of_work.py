@@ -167,6 +167,8 @@ class UnitOfWork:
         self._history: list[dict[str, Any]] = []
         # A batch's invoices, loaded and locked together before its messages run (worker/delivery/batching.py).
         self.preloaded: Preloaded | None = None
+        # The traceparent of the message's span, kept with each event it writes (None: tracing off).
+        self.traceparent: str | None = None
 
     # ----------------------------------------------------------------- inbox
 
@@ -330,6 +332,7 @@ class UnitOfWork:
         self._outbox.append({
             "event_id": uuid.UUID(payload["eventId"]), "type": type_, "tenant_id": self.tenant_id,
             "invoice_id": invoice_id, "sequence": sequence, "causation_id": self.causation_id, "payload": payload,
+            "traceparent": self.traceparent,
         })
 
     def write_outbox(self) -> None:
