@@ -92,7 +92,8 @@ def main() -> int:
         b100 = batch_ceiling.run(env, numbers, concurrency, 10 if not args.quick else 3)
         rows.append((f"B₁₀₀: one batch of 100 record_payment's SQL, tight psycopg loop, {concurrency} connections",
                      f"{b100['rate']:.0f} msg/s", f"{b100['batches']:.1f} batches/s, {b100['statements']} statements "
-                     f"and COMMIT per batch (bench/batch_ceiling.py)"))
+                     f"and COMMIT per batch (bench/batch_ceiling.py); PostgreSQL's CPU per message "
+                     f"{b100['postgres_cpu_us']:.0f} µs"))
         off, on = {"APPLY_BATCH_SIZE": "1"}, {}
         bodies = payments.payment_bodies(numbers, n_pay)
         e2e_off = payments.end_to_end(env, bodies, concurrency, off)
@@ -105,7 +106,7 @@ def main() -> int:
                      f"APPLY_BATCH_WAIT_MS={settings().apply_batch_wait_ms:g})", f"{e2e['rate']:.0f} msg/s",
                      f"{e2e['rate'] / a['rate']:.0%} of A, {e2e['rate'] / b100['rate']:.0%} of B₁₀₀, "
                      f"{e2e['rate'] / e2e_off['rate']:.1f}× batching off; "
-                     f"worker {memory(e2e)}"))
+                     f"worker {memory(e2e)}; CPU per message, µs {payments.cpu_split(e2e)}"))
         n_scale = max(n_pay // 4, 2000)
         for processes in (1, 2, 3, 4):
             scaled = payments.end_to_end(env, payments.payment_bodies(numbers, n_scale), processes, on)

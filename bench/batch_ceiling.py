@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from bench.harness import Environment
+from bench.harness import Environment, ServerCpu
 from bench.payments import payment_bodies
 
 Statement = tuple[str, Any, bool]  # statement, parameters, executemany
@@ -107,9 +107,12 @@ def run(env: Environment, numbers: list[str], connections: int, seconds: float, 
              for statements, invoices in plans]
     for proc in procs:
         proc.start()
-    start.set()
-    results = [done.get(timeout=seconds + 120) for _ in procs]
+    with ServerCpu(env) as servers:
+        start.set()
+        results = [done.get(timeout=seconds + 120) for _ in procs]
     for proc in procs:
         proc.join(30)
     rate = sum(rounds / elapsed for rounds, elapsed in results)
-    return {"batches": rate, "rate": rate * size, "statements": len(plans[0][0])}
+    messages = sum(rounds for rounds, _ in results) * size
+    return {"batches": rate, "rate": rate * size, "statements": len(plans[0][0]),
+            "postgres_cpu_us": servers.seconds["postgres"] / messages * 1e6}

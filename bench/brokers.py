@@ -51,7 +51,8 @@ def row(result: dict, valkey: dict) -> list[str]:
     share = "" if result is valkey else f" ({e2e['rate'] / valkey['e2e']['rate']:.0%} of Valkey's)"
     return [result["label"], result["server"], f"{e2e['rate']:.0f} msg/s{share}",
             f"{result['alone']:.0f} msg/s ({result['alone'] / e2e['rate']:.1f}× end to end)",
-            lat(result["fast"]), lat(result["half"]), f"{e2e['pss_mb']:.0f} MB"]
+            lat(result["fast"]), lat(result["half"]), payments.cpu_split(e2e), f"{e2e['pss_mb']:.0f} MB"]
+
 
 
 def main() -> int:
@@ -90,7 +91,7 @@ def main() -> int:
               f"latency for {seconds} s at each rate (p50 / p95 / p99, publish to event received); "
               f"whole run {time.monotonic() - began:.0f} s.")
     table = ["| broker | server | end to end | the bench's publisher alone | latency at 200 msg/s | latency at 100 msg/s "
-             "| worker PSS (end to end) |", "|---|---|---|---|---|---|---|", *(f"| {' | '.join(r)} |" for r in rows)]
+             "| CPU per message, µs (end to end) | worker PSS (end to end) |", "|---|---|---|---|---|---|---|---|", *(f"| {' | '.join(r)} |" for r in rows)]
     goals = ("Targets (issue #29, reported, never asserted): RabbitMQ end to end at least 90% of Valkey's on classic "
              "and on quorum queues; p99 at 200 msg/s at most 50 ms on both brokers; the bench's publisher alone at "
              "least 3× end to end.")

@@ -36,8 +36,7 @@ def through_worker(env: Environment, count: int, concurrency: int, tenant: str =
     proc = worker(concurrency)
     try:
         with PeakMemory(proc) as memory:
-            started = time.monotonic()
-            publish("invoices.bulk_import", bodies, "invoices.imports")
+            started = publish("invoices.bulk_import", bodies, "invoices.imports").began
             done = wait(lambda: env.sql("SELECT count(*) FROM inbox WHERE tenant_id = %s", (tenant,))[0][0]
                         >= len(bodies), 600, interval=0.2)
         created = env.sql("SELECT count(*) FROM invoices WHERE tenant_id = %s", (tenant,))[0][0]

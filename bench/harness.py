@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 import psutil
 import psycopg
@@ -259,6 +260,56 @@ class PeakMemory:
     @property
     def rss_mb(self) -> float:
         return self.peak_rss / 2**20
+
+
+def listening(port: int) -> psutil.Process | None:
+    """The process listening on this TCP port of this machine (root sees every process's sockets)."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            return psutil.Process(conn.pid)
+    return None
+
+
+def tree_cpu_seconds(root: psutil.Process | None) -> float:
+    """CPU time of a server: its process, its children that exited (reaped: PostgreSQL's backends
+    when their connection closes) and the ones still running."""
+    if root is None:
+        return 0.0
+    try:
+        own = root.cpu_times()
+        total = own.user + own.system + own.children_user + own.children_system
+        for child in root.children(recursive=True):
+            try:
+                times = child.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+class ServerCpu:
+    """CPU seconds the broker server and PostgreSQL spend between enter and exit: beside the worker's
+    own, where a message's CPU goes on this machine (they share its cores)."""
+
+    def __init__(self, env: Environment) -> None:
+        # PostgreSQL's postmaster: the parent of this connection's backend (the embedded server
+        # listens on a Unix socket only). Valkey says its process id; RabbitMQ: the AMQP listener.
+        postmaster = psutil.Process(env.sql("SELECT pg_backend_pid()")[0][0]).parent()
+        if env.amqp:
+            broker = listening(urlsplit(env.broker_url.split(";")[0]).port or 5672)
+        else:
+            broker = psutil.Process(env.redis.info("server")["process_id"])
+        self.servers = {"broker": broker, "postgres": postmaster}
+        self.seconds: dict[str, float] = {}
+
+    def __enter__(self) -> "ServerCpu":
+        self._before = {name: tree_cpu_seconds(proc) for name, proc in self.servers.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = {name: tree_cpu_seconds(proc) - self._before[name] for name, proc in self.servers.items()}
 
 
 def wait(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> float:

@@ -6,11 +6,14 @@ import statistics
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import psycopg
+from kombu import Producer
 
-from bench.harness import Environment, PeakMemory, relay, wait, worker
+from bench.harness import Environment, PeakMemory, ServerCpu, relay, wait, worker
 
 
 def setup_invoices(env: Environment, count: int, prefix: str = "B") -> list[str]:
@@ -39,46 +42,81 @@ def payment_bodies(numbers: list[str], count: int) -> list[dict[str, Any]]:
 CONFIRM_WINDOW = 2000
 
 
-def publish(task: str, bodies: list[Any], queue: str) -> float:
-    """Publish the bodies as Celery does; return how long it took until the broker had them all."""
-    started = time.monotonic()
-    _publish(task, bodies, queue)
-    return time.monotonic() - started
+@dataclass
+class Sent:
+    began: float  # monotonic, when the sending began (the messages built)
+    seconds: float  # until the broker had them all
+    cpu_before: float  # the bench process's CPU seconds when the sending began
 
 
-def _publish(task: str, bodies: list[Any], queue: str) -> None:
-    """One publisher, on a connection of its own. On RabbitMQ with pipelined confirms: the app's own
-    publisher waits for the confirmation of each message before it sends the next (confirm_publish),
-    a round trip per message; here up to CONFIRM_WINDOW publishes are in flight and the last
-    confirmation closes the count (a refused publish raises). The task's argsrepr is given (Celery
-    otherwise builds a safe repr of every body: a quarter of the publisher's time)."""
-    from kombu import Producer
+def publish(task: str, bodies: list[Any], queue: str) -> Sent:
+    """Publish the bodies as Celery's send_task would; when sending began and how long it took until
+    the broker had them all.
 
+    The publisher stands for upstream services on machines of their own, but here it shares the
+    worker's two cores: every microsecond it spends is taken from the worker under test. So each
+    message is built before the clock starts, by Celery's own send_task (protocol 2, its headers,
+    JSON), which hands kombu what it would send (_Recorder), and the clock covers only the sending:
+    on Redis in kombu's pipelined batches where kombu has them (5.7), on RabbitMQ with up to
+    CONFIRM_WINDOW publishes awaiting their confirmation (the app's own publisher waits for each
+    one's before it sends the next, a round trip per message); the last confirmation closes the
+    count, and a refused publish raises."""
     from worker.brokers.topology import is_amqp
     from worker.celery_app import app
 
-    options = {"queue": queue, "argsrepr": "(…)", "kwargsrepr": "{}"}
-    if not is_amqp(app.conf.broker_url):
-        with app.connection_for_write() as conn:
-            producer = Producer(conn.default_channel)
-            for body in bodies:
-                app.send_task(task, args=[body], producer=producer, **options)
-        return
-    with app.connection_for_write(transport_options={"confirm_publish": False}) as conn:
+    amqp = is_amqp(app.conf.broker_url)
+    with app.connection_for_write(transport_options={"confirm_publish": False} if amqp else {}) as conn:
         channel = conn.default_channel
+        messages = _prepared(app, Producer(channel), task, bodies, queue)
+        producer = Producer(channel)
+        cpu_before, began = _own_cpu(), time.monotonic()
+        if not amqp:
+            if producer.supports_batch_publish:
+                with producer.batch(max_size=1000):
+                    for args, kwargs in messages:
+                        producer._publish(*args, **kwargs)
+            else:
+                for args, kwargs in messages:
+                    producer._publish(*args, **kwargs)
+            return Sent(began, time.monotonic() - began, cpu_before)
         confirmed, refused = [0], []
         channel.events["basic_ack"].add(lambda tag, multiple: confirmed.__setitem__(0, max(confirmed[0], tag)))
         channel.events["basic_nack"].add(lambda tag, multiple: refused.append(tag))
         channel.confirm_select()
-        producer = Producer(channel)
-        for sent, body in enumerate(bodies, 1):
-            app.send_task(task, args=[body], producer=producer, **options)
+        for sent, (args, kwargs) in enumerate(messages, 1):
+            producer._publish(*args, **kwargs)
             while sent - confirmed[0] >= CONFIRM_WINDOW:
                 conn.drain_events(timeout=30)
-        while confirmed[0] < len(bodies) and not refused:
+        while confirmed[0] < len(messages) and not refused:
             conn.drain_events(timeout=30)
         if refused:
             raise RuntimeError(f"RabbitMQ refused {len(refused)} publishes (first tag {refused[0]})")
+        return Sent(began, time.monotonic() - began, cpu_before)
+
+
+def _own_cpu() -> float:
+    """The bench process's own CPU seconds (the servers and the worker are its children)."""
+    return sum(psutil.Process().cpu_times()[:2])
+
+
+class _Recorder(Producer):
+    """A producer that keeps what kombu would send (the serialized body, headers, properties,
+    exchange, routing key, the queue to declare) instead of sending it."""
+
+    recorded: list[tuple[tuple, dict]]
+
+    def _publish(self, *args: Any, **kwargs: Any) -> None:
+        self.recorded.append((args, kwargs))
+
+
+def _prepared(app: Any, producer: Producer, task: str, bodies: list[Any], queue: str) -> list[tuple[tuple, dict]]:
+    """Each body as Celery's send_task makes it (its argsrepr given: Celery otherwise builds a safe
+    repr of every body), ready for Producer._publish."""
+    recorder = _Recorder(producer.channel)
+    recorder.recorded = []
+    for body in bodies:
+        app.send_task(task, args=[body], producer=recorder, queue=queue, argsrepr="(…)", kwargsrepr="{}")
+    return recorder.recorded
 
 
 def publish_alone(env: Environment, bodies: list[dict[str, Any]]) -> float:
@@ -86,7 +124,7 @@ def publish_alone(env: Environment, bodies: list[dict[str, Any]]) -> float:
     broker had them all (then they are purged). End to end must stay well below it, or the
     publisher and not the worker is what end to end measures."""
     env.purge()
-    seconds = publish("invoices.record_payment", bodies, "invoices.payments")
+    seconds = publish("invoices.record_payment", bodies, "invoices.payments").seconds
     env.purge()
     return len(bodies) / seconds
 
@@ -96,8 +134,7 @@ def ceiling_a(env: Environment, count: int, concurrency: int) -> dict[str, float
     proc = worker(concurrency, include="bench.noop")
     try:
         with PeakMemory(proc) as memory:
-            started = time.monotonic()
-            publish("bench.noop", [{}] * count, "invoices.maintenance")
+            started = publish("bench.noop", [{}] * count, "invoices.maintenance").began
             done = wait(env.queue_drained, 300)
         return {"rate": count / (done - started), "seconds": done - started, "pss_mb": memory.mb, "rss_mb": memory.rss_mb}
     finally:
@@ -159,18 +196,16 @@ def ceiling_b(env: Environment, numbers: list[str], seconds: float) -> dict[str,
     return {"rate": done / (time.monotonic() - started), "statements": len(statements)}
 
 
-def publish_payments_until_applied(env: Environment, bodies: list[dict[str, Any]]) -> tuple[float, float]:
-    """Publish record_payment bodies and wait until each has its inbox record and was acknowledged;
-    return when publishing began (monotonic) and how long publishing took."""
+def publish_payments_until_applied(env: Environment, bodies: list[dict[str, Any]]) -> Sent:
+    """Publish record_payment bodies and wait until each has its inbox record and was acknowledged."""
     applied = "SELECT count(*) FROM inbox WHERE task = 'invoices.record_payment'"
     # Ceiling B's loop wrote inbox rows of the same task: count from here, not from zero, or the
     # part would end (and leave messages queued for the next one) before its own were applied.
     before = env.sql(applied)[0][0]
-    started = time.monotonic()
-    published = publish("invoices.record_payment", bodies, "invoices.payments")
+    sent = publish("invoices.record_payment", bodies, "invoices.payments")
     wait(lambda: env.sql(applied)[0][0] >= before + len(bodies), 300, interval=0.1)
     wait(env.queue_drained, 30)
-    return started, published
+    return sent
 
 
 def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
@@ -182,17 +217,29 @@ def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
     rel = relay()
     try:
         cpu_before = sum(p.cpu_seconds() for p in procs)
-        with PeakMemory(*procs) as memory:
-            started, published = publish_payments_until_applied(env, bodies)
+        relay_before = rel.cpu_seconds()
+        with PeakMemory(*procs) as memory, ServerCpu(env) as servers:
+            sent = publish_payments_until_applied(env, bodies)
             done = wait(lambda: env.sql("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0] == 0, 120)
         cpu = sum(p.cpu_seconds() for p in procs) - cpu_before
-        return {"rate": len(bodies) / (done - started), "seconds": done - started, "pss_mb": memory.mb,
-                "rss_mb": memory.rss_mb, "worker_cpu_us": cpu / len(bodies) * 1e6,
-                "publish_rate": len(bodies) / published}
+        per_message = {"worker_cpu_us": cpu, "relay_cpu_us": rel.cpu_seconds() - relay_before,
+                       "broker_cpu_us": servers.seconds["broker"], "postgres_cpu_us": servers.seconds["postgres"],
+                       # the bench's own process from the first send: the publisher, and polling for the end
+                       "bench_cpu_us": _own_cpu() - sent.cpu_before}
+        return {"rate": len(bodies) / (done - sent.began), "seconds": done - sent.began, "pss_mb": memory.mb,
+                "rss_mb": memory.rss_mb, "publish_rate": len(bodies) / sent.seconds,
+                **{key: seconds / len(bodies) * 1e6 for key, seconds in per_message.items()}}
     finally:
         rel.stop()
         for each in procs:
             each.stop()
+
+
+def cpu_split(e2e: dict) -> str:
+    """Where a message's CPU goes (µs per message, end to end): the processes share this machine's cores."""
+    parts = {"worker": e2e["worker_cpu_us"], "broker": e2e["broker_cpu_us"], "PostgreSQL": e2e["postgres_cpu_us"],
+             "relay": e2e["relay_cpu_us"], "publisher": e2e["bench_cpu_us"]}
+    return f"{sum(parts.values()):.0f}: " + ", ".join(f"{name} {us:.0f}" for name, us in parts.items())
 
 
 def duplicates(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
@@ -205,8 +252,7 @@ def duplicates(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
     proc = worker(concurrency, worker_env)
     try:
         with PeakMemory(proc) as memory:
-            started = time.monotonic()
-            publish("invoices.record_payment", bodies, "invoices.payments")
+            started = publish("invoices.record_payment", bodies, "invoices.payments").began
             done = wait(env.queue_drained, 300)
         assert env.sql(caused, (ids,))[0][0] == before, "a duplicate wrote an event"
         return {"rate": len(bodies) / (done - started), "seconds": done - started, "pss_mb": memory.mb, "rss_mb": memory.rss_mb}

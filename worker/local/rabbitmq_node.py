@@ -102,6 +102,10 @@ class RabbitNode:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.root / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(self.root / "node.pid"),
             "RABBITMQ_CONF_ENV_FILE": str(self.root / "rabbitmq-env.conf"),
+            # The Erlang schedulers' busy waiting off (RabbitMQ's advice for a host it shares: its
+            # docs, runtime, "Scheduler busy waiting"): an idle scheduler spins on a core before it
+            # sleeps, the CPU the worker and PostgreSQL beside it on this machine need.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "+sbwt none +sbwtdcpu none +sbwtdio none",
             **({"RABBITMQ_USE_LONGNAME": "true"} if self.host is not None else {}),
         }
 
