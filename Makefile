@@ -61,7 +61,8 @@ test-rabbitmq: $(STAMP)
 # the invoice wait and the payment-retry schedule, on a throwaway node of their own.
 test-rabbitmq-quorum: $(STAMP)
 	RABBITMQ_QUEUE_TYPE=quorum $(BIN)/python -m worker.local.rabbitmq_node test tests/end_to_end/test_queue_type.py \
-		tests/end_to_end/test_payments.py tests/end_to_end/test_payment_retries.py tests/faults/test_out_of_order.py $(PYTEST_ARGS)
+		tests/end_to_end/test_payments.py tests/end_to_end/test_payment_retries.py tests/faults/test_out_of_order.py \
+		tests/end_to_end/test_retry_unsent.py $(PYTEST_ARGS)
 
 # Several hosts on this machine (network namespaces; root needed): a three-node RabbitMQ cluster with
 # quorum queues, PostgreSQL, workers and relays on two hosts; the cluster scenarios (tests/cluster/)

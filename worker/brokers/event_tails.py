@@ -24,7 +24,6 @@ from kombu import Queue
 from kombu.utils.encoding import bytes_to_str
 
 from worker.brokers.relay import EVENTS_EXCHANGE
-from worker.brokers.topology import is_amqp
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class Tail:
     def __init__(self, connection: Any, types: tuple[str, ...]) -> None:
         self.connection = connection
         self.name = TAIL_PREFIX + uuid.uuid4().hex[:12]
-        self.amqp = is_amqp(connection.as_uri())
+        self.amqp = speaks_amqp(connection)
         arguments = {"x-expires": TAIL_EXPIRES_MS} if self.amqp else None
         self.queues = [Queue(self.name, EVENTS_EXCHANGE, routing_key=t, durable=False, auto_delete=True,
                              queue_arguments=arguments) for t in types]
@@ -93,10 +92,16 @@ class Tail:
         return self.connection.default_channel.conn_or_acquire()
 
 
+def speaks_amqp(connection: Any) -> bool:
+    """Whether a kombu connection is to RabbitMQ: by its transport's driver, not its URI (which
+    names the transport class, worker/brokers/amqp_transport.py, where the scheme was)."""
+    return connection.transport.driver_type == "amqp"
+
+
 def prune_orphans(connection: Any) -> list[str]:
     """Remove the tail queues whose heartbeat has expired, with their bindings to invoices.events;
     return their names. RabbitMQ expires its own (x-expires): nothing to do there."""
-    if is_amqp(connection.as_uri()):
+    if speaks_amqp(connection):
         return []
     channel = connection.default_channel
     with channel.conn_or_acquire() as client:

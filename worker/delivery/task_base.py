@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NoReturn, TypeVar
 
 import kombu.exceptions
 import psycopg
@@ -107,9 +107,22 @@ class InvoiceTask(Task):
         except InvoiceNotYetKnown as exc:
             # Out of order across queues: bounded by time (INVOICE_WAIT_SECONDS), not by TASK_MAX_RETRIES.
             countdown = max(1.0, min(backoff(self.request.retries), exc.wait_left + 0.5))
-            raise self.retry(exc=exc, countdown=countdown, max_retries=self.request.retries + 1) from None
+            self.again(exc, countdown, max_retries=self.request.retries + 1)
         except TRANSIENT as exc:
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from None
+            self.again(exc, backoff(self.request.retries))
+
+    def again(self, exc: Exception, countdown: float, **options: Any) -> NoReturn:
+        """Celery's retry; when the retry cannot be sent, the message goes back to its queue. Celery
+        rejects it without requeue then (Task.retry: `raise Reject(exc, requeue=False)`), and
+        RabbitMQ drops a message rejected so: lost, seen in the cluster scenarios when a retry's
+        countdown went to a delay exchange that was not there. Handed back instead, its next
+        delivery tries again, and the poison count dead-letters it when its deliveries run out."""
+        try:
+            raise self.retry(exc=exc, countdown=countdown, **options) from None
+        except Reject as refused:
+            log.warning("%s %s: its retry could not be sent (%s); handing it back", self.name, self.request.id,
+                        refused.reason)
+            raise Reject(refused.reason, requeue=True) from None
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
         """Only what escaped `__call__` arrives here (it dead-letters everything else)."""
