@@ -294,9 +294,11 @@ class ServerCpu:
     own, where a message's CPU goes on this machine (they share its cores)."""
 
     def __init__(self, env: Environment) -> None:
-        # PostgreSQL's postmaster: the parent of this connection's backend (the embedded server
-        # listens on a Unix socket only). Valkey says its process id; RabbitMQ: the AMQP listener.
-        postmaster = psutil.Process(env.sql("SELECT pg_backend_pid()")[0][0]).parent()
+        # PostgreSQL's postmaster: the first line of postmaster.pid in its data directory (the
+        # embedded server listens on a Unix socket only). Valkey says its process id; RabbitMQ: the
+        # AMQP listener.
+        data = Path(env.sql("SHOW data_directory")[0][0])
+        postmaster = psutil.Process(int((data / "postmaster.pid").read_text().split()[0]))
         if env.amqp:
             broker = listening(urlsplit(env.broker_url.split(";")[0]).port or 5672)
         else:

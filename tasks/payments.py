@@ -20,7 +20,7 @@ from worker.delivery.batching import batchable
 from worker.delivery.handling import dead_letter
 from worker.delivery.signing import verify
 from worker.delivery.task_base import InvoiceTask
-from worker.storage.unit_of_work import Outcome, UnitOfWork, derived_id
+from worker.storage.unit_of_work import Outcome, UnitOfWork, derived_id, offline_payment_id
 
 APPROVED = ("Approved", "PartiallyApproved")
 
@@ -47,7 +47,7 @@ def record_payment(self: InvoiceTask, body: object = None, *args: object, **kwar
 
 def record_offline_payment(uow: UnitOfWork, message: RecordPayment) -> Outcome:
     invoice = uow.invoice(message.address)
-    payment_id = derived_id("payment", message.tenant_id, message.message_id)
+    payment_id = offline_payment_id(message.tenant_id, message.message_id)
     if uow.has_payment(invoice, payment_id):  # a copy whose inbox row was pruned: the derived id catches it
         return duplicate(message, invoice, "payment-already-recorded")
     fields = message.model_dump(include={

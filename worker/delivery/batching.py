@@ -47,7 +47,6 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from models.errors import DomainError
 from models.invoice import Invoice
-from models.payment import Payment
 from worker.config import settings
 from worker.delivery import dead_letters, revocation, task_events
 from worker.delivery.handling import (
@@ -71,12 +70,12 @@ from worker.storage.unit_of_work import (
     Outcome,
     Preloaded,
     UnitOfWork,
+    offline_payment_id,
 )
 
 log = logging.getLogger(__name__)
 
 ACK, REQUEUE = "ack", "requeue"
-PAYMENTS = Payment.__table__
 # A check of the raw body before it is parsed (the callback signature): (reason, error) dead-letters it.
 Check = Callable[[Any], tuple[str, str] | None]
 
@@ -631,12 +630,7 @@ def _load_and_lock(session: Session, items: list[Item]) -> tuple[Preloaded, set[
     if by_number or by_id:  # held by another transaction, or not there: wait a moment for the held ones
         invoices.extend(_waited(session, lambda: locked(False)))
         _forget(invoices, by_number, by_id)
-    if with_payments:
-        preloaded = Preloaded(invoices)
-    else:
-        rows = session.connection().execute(select(PAYMENTS.c.invoice_id, PAYMENTS.c.payment_id).where(
-            PAYMENTS.c.invoice_id.in_([invoice.id for invoice in invoices]))) if invoices else []
-        preloaded = Preloaded(invoices, {(row.invoice_id, row.payment_id) for row in rows})
+    preloaded = Preloaded(invoices) if with_payments else Preloaded(invoices, _existing_payments(session, items, invoices))
     if not by_number and not by_id:
         return preloaded, set()
     # Not locked: held elsewhere, or not there at all (a message out of order). Read without a lock.
@@ -648,6 +642,36 @@ def _load_and_lock(session: Session, items: list[Item]) -> tuple[Preloaded, set[
         if (tenant, number) in by_number:
             held.add((tenant, "number", number))
     return preloaded, held
+
+
+# Of the given (invoice, payment id) pairs, the ones that exist: a probe of the unique index
+# uq_payments_invoice_id_payment_id per pair.
+EXISTING_PAYMENTS = text(
+    "SELECT p.invoice_id, p.payment_id FROM payments AS p "
+    "JOIN unnest(CAST(:invoices AS uuid[]), CAST(:payments AS uuid[])) AS c(invoice_id, payment_id) "
+    "ON p.invoice_id = c.invoice_id AND p.payment_id = c.payment_id")
+
+
+def _existing_payments(session: Session, items: list[Item], invoices: list[Invoice]) -> set[tuple[Any, Any]]:
+    """Of the payments the batch's record_payment messages would make (their ids derived from the
+    messages), the ones their invoices already have: the duplicate check of a copy whose inbox row
+    was pruned. Reading every payment id of the batch's invoices instead grew each batch with every
+    instalment an invoice had taken (the growth curve: a batch's load and lock 9% of a pool
+    process's samples on young invoices, 44% once they held about 60 payments each)."""
+    by_key: dict[tuple[str, str, Any], Invoice] = {}
+    for invoice in invoices:
+        by_key[(invoice.tenant_id, "id", invoice.id)] = invoice
+        by_key[(invoice.tenant_id, "number", invoice.invoice_number)] = invoice
+    pairs = []
+    for item in items:
+        invoice = by_key.get(_invoice_key(item)) if item.entry.task in RECORDS_ONLY else None
+        if invoice is not None:
+            pairs.append((invoice.id, offline_payment_id(item.message.tenant_id, item.message.message_id)))
+    if not pairs:
+        return set()
+    rows = session.connection().execute(EXISTING_PAYMENTS, {"invoices": [invoice_id for invoice_id, _ in pairs],
+                                                            "payments": [payment_id for _, payment_id in pairs]})
+    return {(row.invoice_id, row.payment_id) for row in rows}
 
 
 def _forget(invoices: list[Invoice], by_number: set[tuple[str, str]], by_id: set[tuple[str, Any]]) -> None:

@@ -98,6 +98,12 @@ def derived_id(purpose: str, tenant_id: str, *parts: object) -> uuid.UUID:
     return uuid.uuid5(ID_NAMESPACE, json.dumps([purpose, tenant_id, *(str(p) for p in parts)]))
 
 
+def offline_payment_id(tenant_id: str, message_id: str) -> uuid.UUID:
+    """The paymentId of a payment recorded offline (invoices.record_payment): derived from its
+    message, so that a copy of the message makes the same payment."""
+    return derived_id("payment", tenant_id, message_id)
+
+
 def occurred_at(moment: datetime) -> str:
     """An event's occurredAt: UTC, milliseconds, Z."""
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
