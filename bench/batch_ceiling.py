@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 
 from bench.harness import Environment, ServerCpu
-from bench.payments import payment_bodies
+from bench.payments import fresh_value, payment_bodies
 
 Statement = tuple[str, Any, bool]  # statement, parameters, executemany
 
@@ -50,14 +50,6 @@ def capture(numbers: list[str], size: int) -> list[Statement]:
     return captured
 
 
-def _fresh(value: Any, mapping: dict[Any, Any], keep: set[Any]) -> Any:
-    if isinstance(value, uuid.UUID) and value not in keep:
-        return mapping.setdefault(value, uuid.uuid4())
-    if isinstance(value, str) and value.startswith("pay-"):
-        return mapping.setdefault(value, f"pay-{uuid.uuid4()}")
-    return value
-
-
 def _replay(libpq: str, statements: list[Statement], invoices: dict[Any, int], seconds: float, start: Any,
             done: Any) -> None:
     versions = dict(invoices)
@@ -70,7 +62,7 @@ def _replay(libpq: str, statements: list[Statement], invoices: dict[Any, int], s
             mapping: dict[Any, Any] = {}
             for statement, params, many in statements:
                 if many and isinstance(params, (list, tuple)):  # executemany (the multi-row INSERTs are one execute)
-                    rows = [{k: _fresh(v, mapping, keep) for k, v in p.items()} for p in params]
+                    rows = [{k: fresh_value(v, mapping, keep) for k, v in p.items()} for p in params]
                     for row in rows:
                         if "invoices_version" in row:  # the version check of the invoice's UPDATE
                             current = versions[row["invoices_id"]]
@@ -82,7 +74,7 @@ def _replay(libpq: str, statements: list[Statement], invoices: dict[Any, int], s
                     continue
                 else:
                     if isinstance(params, dict):
-                        params = {k: _fresh(v, mapping, keep) for k, v in params.items()}
+                        params = {k: fresh_value(v, mapping, keep) for k, v in params.items()}
                         if "invoices_version" in params:
                             current = versions[params["invoices_id"]]
                             params["invoices_version"], params["version"] = current, current + 1

@@ -165,7 +165,10 @@ def capture_record_payment(numbers: list[str]) -> list[tuple[str, dict[str, Any]
     return captured
 
 
-def _fresh(value: Any, mapping: dict[Any, Any], keep: set[Any]) -> Any:
+def fresh_value(value: Any, mapping: dict[Any, Any], keep: set[Any]) -> Any:
+    """A captured statement's parameter for its replay: a new uuid or payment messageId in place of
+    each one the capture made (the same new one wherever the old one appears), the `keep` ones as
+    they were."""
     if isinstance(value, uuid.UUID) and value not in keep:
         return mapping.setdefault(value, uuid.uuid4())
     if isinstance(value, str) and value.startswith("pay-"):
@@ -184,7 +187,7 @@ def ceiling_b(env: Environment, numbers: list[str], seconds: float) -> dict[str,
             mapping: dict[Any, Any] = {}
             for statement, params in statements:
                 if isinstance(params, dict):
-                    params = {k: _fresh(v, mapping, {invoice_id}) for k, v in params.items()}
+                    params = {k: fresh_value(v, mapping, {invoice_id}) for k, v in params.items()}
                     if "invoices_version" in params:  # the version check of the invoice's UPDATE
                         params["invoices_version"], params["version"] = version, version + 1
                     if "invoices_id" in params:
