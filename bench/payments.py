@@ -199,8 +199,10 @@ def ceiling_b(env: Environment, numbers: list[str], seconds: float) -> dict[str,
     return {"rate": done / (time.monotonic() - started), "statements": len(statements)}
 
 
-def publish_payments_until_applied(env: Environment, bodies: list[dict[str, Any]]) -> Sent:
-    """Publish record_payment bodies and wait until each has its inbox record and was acknowledged."""
+def publish_payments_until_applied(env: Environment, bodies: list[dict[str, Any]]) -> tuple[Sent, float]:
+    """Publish record_payment bodies and wait until each has its inbox record and was acknowledged;
+    how many messages a batch held on average (a batch's inbox rows share their transaction's
+    start, processed_at: a pool process commits a batch in one transaction)."""
     # Only the inbox rows made since the part began, through the BRIN index on processed_at (a
     # claim's processed_at is its transaction's start, after this clock reading). Counting every
     # record_payment row, ten times a second, was a sequential scan of the whole inbox: with
@@ -213,7 +215,9 @@ def publish_payments_until_applied(env: Environment, bodies: list[dict[str, Any]
     sent = publish("invoices.record_payment", bodies, "invoices.payments")
     wait(lambda: env.sql(*applied)[0][0] >= before + len(bodies), 300, interval=0.1)
     wait(env.queue_drained, 30)
-    return sent
+    messages, batches = env.sql("SELECT count(*), count(DISTINCT processed_at) FROM inbox WHERE processed_at >= %s "
+                                "AND task = 'invoices.record_payment'", (since,))[0]
+    return sent, messages / max(1, batches)
 
 
 def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
@@ -227,14 +231,15 @@ def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
         cpu_before = sum(p.cpu_seconds() for p in procs)
         relay_before = rel.cpu_seconds()
         with PeakMemory(*procs) as memory, ServerCpu(env) as servers:
-            sent = publish_payments_until_applied(env, bodies)
+            sent, fill = publish_payments_until_applied(env, bodies)
             done = wait(lambda: env.sql("SELECT count(*) FROM outbox WHERE published_at IS NULL")[0][0] == 0, 120)
         cpu = sum(p.cpu_seconds() for p in procs) - cpu_before
         per_message = {"worker_cpu_us": cpu, "relay_cpu_us": rel.cpu_seconds() - relay_before,
                        "broker_cpu_us": servers.seconds["broker"], "postgres_cpu_us": servers.seconds["postgres"],
                        # the bench's own process from the first send: the publisher, and polling for the end
                        "bench_cpu_us": _own_cpu() - sent.cpu_before}
-        return {"rate": len(bodies) / (done - sent.began), "seconds": done - sent.began, "pss_mb": memory.mb,
+        return {"rate": len(bodies) / (done - sent.began), "seconds": done - sent.began, "batch_fill": fill,
+                "pss_mb": memory.mb,
                 "rss_mb": memory.rss_mb, "publish_rate": len(bodies) / sent.seconds,
                 **{key: seconds / len(bodies) * 1e6 for key, seconds in per_message.items()}}
     finally:
@@ -247,7 +252,8 @@ def cpu_split(e2e: dict) -> str:
     """Where a message's CPU goes (µs per message, end to end): the processes share this machine's cores."""
     parts = {"worker": e2e["worker_cpu_us"], "broker": e2e["broker_cpu_us"], "PostgreSQL": e2e["postgres_cpu_us"],
              "relay": e2e["relay_cpu_us"], "publisher": e2e["bench_cpu_us"]}
-    return f"{sum(parts.values()):.0f}: " + ", ".join(f"{name} {us:.0f}" for name, us in parts.items())
+    return (f"{sum(parts.values()):.0f}: " + ", ".join(f"{name} {us:.0f}" for name, us in parts.items())
+            + f"; {e2e['batch_fill']:.0f} messages a batch on average")
 
 
 def duplicates(env: Environment, bodies: list[dict[str, Any]], concurrency: int,

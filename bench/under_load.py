@@ -74,7 +74,7 @@ def run(env: Environment, numbers: list[str], count: int, concurrency: int) -> l
                                "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for name, pid in pids.items()]
     try:
-        started = publish_payments_until_applied(env, payment_bodies(numbers, count)).began
+        started = publish_payments_until_applied(env, payment_bodies(numbers, count))[0].began
         seconds = time.monotonic() - started
     finally:
         for s in spies:
