@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import psutil
 import psycopg
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from tests.conftest import (
     Processes,
@@ -26,6 +26,7 @@ from tests.conftest import (
     outcome_of,
     own_broker_url,
     publisher_app,
+    send,
     wait_for,
     wait_outcome,
 )
@@ -363,6 +364,54 @@ def test_a_held_invoice_defers_its_own_messages_and_the_batch_applies_the_rest_n
     with db.sessions()() as s:
         assert s.scalars(select(DeliveryCount.delivery_id)).all() == []  # nothing counted as a start
     assert "its invoice is held elsewhere" in batch_worker.log
+
+
+def test_an_invoice_held_for_a_moment_is_waited_for_and_its_messages_stay_in_the_batch(running, batch_worker):
+    """Another batch holds its invoices for the tens of milliseconds it takes to apply; a hot
+    invoice is in every batch. So a batch that finds one of its invoices held waits for it, up to
+    HELD_WAIT_MS, before its messages leave: released within that, the whole batch applies in one
+    transaction and nothing goes round (without the wait the held invoice's messages would be sent
+    again behind a back-off of a second or more, every time two batches met on a hot invoice)."""
+    tenant = new_tenant("t-moment")
+    held, free = issued_invoice(tenant), issued_invoice(tenant)
+    bodies = [batch_worker.send("invoices.record_payment", payment(tenant, invoice["invoiceNumber"], "1.00"))
+              for invoice in (held, free, held, free, held)]
+    with psycopg.connect(database_conninfo()) as blocker:
+        blocker.execute("SELECT 1 FROM invoices WHERE id = %s FOR UPDATE", (held["id"],))
+        batch_worker.start()
+        assert wait_for(lambda: waiting_on_locks() > 0, timeout=60, interval=0.01), "the batch never waited"
+        blocker.rollback()  # seen waiting within ~10 ms of a poll: released well within HELD_WAIT_MS
+    for body in bodies:
+        assert wait_outcome(tenant, body["messageId"], timeout=60)["outcome"] == "applied"
+    assert transactions_of(tenant, [body["messageId"] for body in bodies]) == 1
+    assert invoice_json(tenant, held["invoiceNumber"])["amountPaid"] == "3.00"
+    assert "leaves its batch" not in batch_worker.log
+
+
+def test_a_copy_whose_inbox_row_was_pruned_is_a_duplicate_found_inside_its_batch(running, batch_worker):
+    """A record_payment copy arriving after its inbox row was pruned is caught by its payment: the
+    batch probes the (invoice, payment id) index for the payments its messages would make, records
+    the copy as a duplicate and applies the others, all in one transaction. (Without that check the
+    copy's payment would meet the unique index at flush, and the whole batch would go round.)"""
+    tenant = new_tenant("t-pruned-copy")
+    invoice = issued_invoice(tenant)
+    first = payment(tenant, invoice["invoiceNumber"], "4.00")
+    send("invoices.record_payment", first)
+    assert wait_outcome(tenant, first["messageId"])["outcome"] == "applied"
+    with db.engine().begin() as conn:  # as invoices.prune_records leaves it, past INBOX_RETENTION_DAYS
+        conn.execute(delete(InboxMessage).where(InboxMessage.tenant_id == tenant,
+                                                InboxMessage.message_id == first["messageId"]))
+    others = [batch_worker.send("invoices.record_payment", payment(tenant, invoice["invoiceNumber"], "1.00"))
+              for _ in range(2)]
+    batch_worker.send("invoices.record_payment", first)
+    others.append(batch_worker.send("invoices.record_payment", payment(tenant, invoice["invoiceNumber"], "1.00")))
+    batch_worker.start()
+    assert wait_outcome(tenant, first["messageId"], timeout=60)["outcome"] == "duplicate"
+    for body in others:
+        assert wait_outcome(tenant, body["messageId"], timeout=60)["outcome"] == "applied"
+    assert transactions_of(tenant, [body["messageId"] for body in [first, *others]]) == 1
+    assert invoice_json(tenant, invoice["invoiceNumber"])["amountPaid"] == "7.00"
+    assert "leaves its batch" not in batch_worker.log
 
 
 def test_forged_copies_of_another_tenants_task_id_do_not_make_its_message_worker_lost(running, batch_worker):
