@@ -148,6 +148,7 @@ def main() -> int:
                          f"p95 {lat['p95']:.1f} ms, p99 {lat['p99']:.1f} ms ({lat['count']} events"
                          f"{', ' + str(lat['missing']) + ' not within 60 s' if lat['missing'] else ''}); commit to "
                          f"publish p50 {lat['commit_to_publish_p50']:.1f} ms, p99 {lat['commit_to_publish_p99']:.1f} ms; "
+                         f"{payments.slowest(lat)}; "
                          f"worker+relay {memory(lat)}"))
         for worker_env, label in ((off, "batching off"), (on, "batching on")):
             dup = payments.duplicates(env, bodies, concurrency, worker_env)
@@ -188,7 +189,7 @@ def main() -> int:
                          f"{stage['rows']['invoice_history']:,} history, {stage['rows']['outbox']:,} outbox rows), "
                          f"{n_pay:,} record_payment, batching on", f"{stage['e2e']['rate']:.0f} msg/s",
                          f"{stage['e2e']['rate'] / first['e2e']['rate']:.0%} of the rate at {first['size']:,}; at 200 "
-                         f"msg/s p50 {stage['lat']['p50']:.1f} ms, p99 {stage['lat']['p99']:.1f} ms"))
+                         f"msg/s p50 {stage['lat']['p50']:.1f} ms, p99 {stage['lat']['p99']:.1f} ms ({payments.slowest(stage['lat'])})"))
         empty, full = grown["import_empty"], grown["import_full"]
         rows.append((f"growth: bulk import of {n_import:,} invoices with {sizes[-1]:,} already there / before the "
                      f"copies (the bench's database as the earlier parts left it)",

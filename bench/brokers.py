@@ -45,7 +45,7 @@ def measure(label: str, n_pay: int, n_inv: int, seconds: float, concurrency: int
 def row(result: dict, valkey: dict) -> list[str]:
     def lat(r: dict) -> str:
         missing = f", {r['missing']} late" if r["missing"] else ""
-        return f"{r['p50']:.1f} / {r['p95']:.1f} / {r['p99']:.1f} ms{missing}"
+        return f"{r['p50']:.1f} / {r['p95']:.1f} / {r['p99']:.1f} ms{missing} ({payments.slowest(r)})"
 
     e2e = result["e2e"]
     share = "" if result is valkey else f" ({e2e['rate'] / valkey['e2e']['rate']:.0%} of Valkey's)"

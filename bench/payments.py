@@ -252,8 +252,8 @@ def cpu_split(e2e: dict) -> str:
     """Where a message's CPU goes (µs per message, end to end): the processes share this machine's cores."""
     parts = {"worker": e2e["worker_cpu_us"], "broker": e2e["broker_cpu_us"], "PostgreSQL": e2e["postgres_cpu_us"],
              "relay": e2e["relay_cpu_us"], "publisher": e2e["bench_cpu_us"]}
-    return (f"{sum(parts.values()):.0f}: " + ", ".join(f"{name} {us:.0f}" for name, us in parts.items())
-            + f"; {e2e['batch_fill']:.0f} messages a batch on average")
+    fill = f"; {e2e['batch_fill']:.0f} messages a batch on average" if "batch_fill" in e2e else ""
+    return f"{sum(parts.values()):.0f}: " + ", ".join(f"{name} {us:.0f}" for name, us in parts.items()) + fill
 
 
 def duplicates(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
@@ -295,6 +295,7 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
         Queue(name, Exchange("invoices.events", type="topic", durable=True), routing_key="payment.recorded",
               durable=False)(conn.default_channel).declare()
     sent: dict[str, float] = {}
+    wall: dict[str, float] = {}  # the same moments on the wall clock, PostgreSQL's (one machine)
     received: dict[str, float] = {}
     stop = threading.Event()
     reader = None if env.amqp else redis.Redis.from_url(env.broker_url)
@@ -334,19 +335,25 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
     consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
     try:
-        with PeakMemory(proc, rel) as memory, app.producer_or_acquire() as producer:
+        with PeakMemory(proc, rel) as memory, app.producer_or_acquire() as producer, ServerCpu(env) as servers:
             bodies = payment_bodies(numbers, int(rate * seconds))
+            machine_before, own_before = psutil.cpu_times(), _own_cpu()
+            worker_before, relay_before = proc.cpu_seconds(), rel.cpu_seconds()
             began = time.monotonic()
             for i, body in enumerate(bodies):
                 pause = began + i / rate - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
                 sent[body["messageId"]] = time.monotonic()
+                wall[body["messageId"]] = time.time()
                 app.send_task("invoices.record_payment", args=[body], queue="invoices.payments", producer=producer)
             try:
                 wait(lambda: len(received.keys() & sent.keys()) >= len(bodies), 60)
             except TimeoutError:
                 pass  # reported below as events that did not arrive in time
+            busy = _busy(machine_before, psutil.cpu_times())
+            split = {"worker_cpu_us": proc.cpu_seconds() - worker_before, "relay_cpu_us": rel.cpu_seconds() - relay_before,
+                     "bench_cpu_us": _own_cpu() - own_before}
         delays = sorted((received[m] - sent[m]) * 1000 for m in sent if m in received)
         q = statistics.quantiles(delays, n=100)
         # The relay's own share: from the event's insert in the committing transaction to its publication.
@@ -356,7 +363,11 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
             "WHERE type = 'payment.recorded' AND causation_id = ANY(%s)) AS x", (list(sent),))[0]
         return {"p50": statistics.median(delays), "p95": q[94], "p99": q[98], "count": len(delays),
                 "missing": len(bodies) - len(delays), "pss_mb": memory.mb, "rss_mb": memory.rss_mb,
-                "commit_to_publish_p50": float(relay_ms[0]), "commit_to_publish_p99": float(relay_ms[1])}
+                "commit_to_publish_p50": float(relay_ms[0]), "commit_to_publish_p99": float(relay_ms[1]), "busy": busy,
+                **{key: cpu / len(bodies) * 1e6 for key, cpu in split.items()},
+                **{f"{name}_cpu_us": cpu / len(bodies) * 1e6 for name, cpu in servers.seconds.items()},
+                "slowest": _stages(env, {m: wall[m] + received[m] - sent[m] for m in sent if m in received}, wall,
+                                   q[98])}
     finally:
         stop.set()
         consumer.join(5)
@@ -371,6 +382,40 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
             rel.stop()
             proc.stop()
 
+
+
+def _busy(before: Any, after: Any) -> float:
+    """The share of the machine's cores busy between two psutil.cpu_times() (every process on it)."""
+    idle = (after.idle - before.idle) + (getattr(after, "iowait", 0.0) - getattr(before, "iowait", 0.0))
+    total = sum(after) - sum(before)
+    return 1 - idle / total if total > 0 else 0.0
+
+
+STAGES = ("to its batch", "applying", "to the relay", "relay to arrival")
+
+
+def _stages(env: Environment, arrived: dict[str, float], wall: dict[str, float], p99_ms: float) -> dict[str, float]:
+    """Where the slowest 1% of messages (publish to arrival at or above p99) spent their time, mean
+    ms per stage: publish to their batch's transaction start (broker, fetch, gathering the batch,
+    the hand-off to a pool process: the inbox row's processed_at), applying (to the outbox row's
+    insert), to the relay (commit and the relay's next read, to its publication: published_at)
+    and from there to arrival (the relay's commit, the broker, the bench's consumer)."""
+    slow = [m for m in arrived if (arrived[m] - wall[m]) * 1000 >= p99_ms]
+    rows = env.sql(
+        "SELECT i.message_id, extract(epoch FROM i.processed_at), extract(epoch FROM o.created_at), "
+        "extract(epoch FROM o.published_at) FROM inbox AS i JOIN outbox AS o ON o.causation_id = i.message_id "
+        "AND o.type = 'payment.recorded' WHERE i.tenant_id = 'bench' AND i.message_id = ANY(%s)", (slow,))
+    totals = [0.0] * len(STAGES)
+    for message, started, inserted, published in rows:
+        marks = [wall[message], float(started), float(inserted), float(published), arrived[message]]
+        for n in range(len(STAGES)):
+            totals[n] += (marks[n + 1] - marks[n]) * 1000
+    return {stage: total / max(1, len(rows)) for stage, total in zip(STAGES, totals)}
+
+
+def slowest(result: dict[str, Any]) -> str:
+    return (f"cores {result['busy']:.0%} busy, CPU per message, µs {cpu_split(result)}; the slowest 1%, mean ms: "
+            + ", ".join(f"{stage} {ms:.1f}" for stage, ms in result["slowest"].items()))
 
 
 def hot_invoice(env: Environment, numbers: list[str], count: int, concurrency: int) -> dict[str, Any]:
