@@ -78,7 +78,7 @@ class OwnBroker:
 def send_to(broker_url: str, task: str, body: dict[str, Any]) -> None:
     """Publish a task to the given broker, as an upstream service would (with that broker's transport:
     the app's broker_transport is its own broker's, which a URL of another scheme must not take)."""
-    from worker.brokers.redis_transport import transport_for
+    from worker.brokers.topology import transport_for
     from worker.brokers.topology import queue_for
     from worker.celery_app import app
 

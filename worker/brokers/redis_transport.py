@@ -703,17 +703,3 @@ class Transport(redis.Transport):
 
 
 TRANSPORT = f"{__name__}:Transport"
-
-
-def transport_for(broker_url: str | None) -> str | None:
-    """The transport class for a broker URL: this one for redis://, worker/brokers/amqp_transport.py
-    for amqp:// (one acknowledgement per batch), kombu's choice otherwise (amqps:// keeps kombu's own,
-    which sets up TLS from the scheme)."""
-    scheme = broker_url.split("://", 1)[0] if broker_url else ""
-    if scheme in ("redis", "rediss"):
-        return TRANSPORT
-    if scheme in ("amqp", "pyamqp"):
-        from worker.brokers.amqp_transport import TRANSPORT as AMQP
-
-        return AMQP
-    return None

@@ -31,7 +31,7 @@ from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps as json_dumps
 
-from worker.brokers.redis_transport import transport_for
+from worker.brokers.topology import transport_for
 from worker.endpoints import CONNECT_OPTIONS, libpq_url
 from worker.operations import metrics
 

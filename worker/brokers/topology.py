@@ -19,8 +19,6 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
-from worker.brokers.redis_transport import transport_for
-
 # The contract's queues and the tasks each one carries (CONTRACT.md section 2).
 QUEUES = {
     "invoices.orders": ("invoices.order_shipped",),
@@ -49,6 +47,18 @@ DEAD_QUEUE_NAME = "invoices.dead"
 
 def is_amqp(broker_url: str | None) -> bool:
     return bool(broker_url) and broker_url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
+
+
+def transport_for(broker_url: str | None) -> str | None:
+    """The transport class for a broker URL: worker/brokers/redis_transport.py for redis://,
+    worker/brokers/amqp_transport.py for amqp:// (one acknowledgement per batch), kombu's choice
+    otherwise (amqps:// keeps kombu's own, which sets up TLS from the scheme)."""
+    scheme = broker_url.split("://", 1)[0] if broker_url else ""
+    if scheme in ("redis", "rediss"):
+        return "worker.brokers.redis_transport:Transport"
+    if scheme in ("amqp", "pyamqp"):
+        return "worker.brokers.amqp_transport:Transport"
+    return None
 
 
 def quorum_arguments(max_deliveries: int) -> dict[str, Any]:
