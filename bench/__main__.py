@@ -94,6 +94,11 @@ def main() -> int:
                      f"{b100['rate']:.0f} msg/s", f"{b100['batches']:.1f} batches/s, {b100['statements']} statements "
                      f"and COMMIT per batch (bench/batch_ceiling.py); PostgreSQL's CPU per message "
                      f"{b100['postgres_cpu_us']:.0f} µs"))
+        costs = batch_ceiling.cost_by_size(numbers)
+        rows.append(("a record_payment batch's CPU by size, in-process (apply_batch, as a pool process runs it)",
+                     " / ".join(f"{ms:.1f}" for ms in costs.values()) + " ms",
+                     "batches of " + " / ".join(str(size) for size in costs) + " messages; per message "
+                     + " / ".join(f"{ms / size * 1000:.0f}" for size, ms in costs.items()) + " µs"))
         off, on = {"APPLY_BATCH_SIZE": "1"}, {}
         bodies = payments.payment_bodies(numbers, n_pay)
         e2e_off = payments.end_to_end(env, bodies, concurrency, off)

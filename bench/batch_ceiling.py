@@ -108,3 +108,26 @@ def run(env: Environment, numbers: list[str], connections: int, seconds: float, 
     messages = sum(rounds for rounds, _ in results) * size
     return {"batches": rate, "rate": rate * size, "statements": len(plans[0][0]),
             "postgres_cpu_us": servers.seconds["postgres"] / messages * 1e6}
+
+
+def cost_by_size(numbers: list[str], sizes: tuple[int, ...] = (1, 2, 10, 100), messages: int = 600) -> dict[int, float]:
+    """CPU per batch of record_payment (ms), in-process as a pool process applies it (apply_batch),
+    for each batch size: what a batch costs whatever it holds (its statements, its transaction)
+    against what each message adds. At a low rate the batches hold a message or two, and each pays
+    the whole fixed part."""
+    import tasks.payments  # noqa: F401 - registers the batchable tasks
+    from worker.delivery.batching import Entry, apply_batch
+
+    costs = {}
+    bodies = payment_bodies(numbers, messages * len(sizes) + max(sizes))
+    for size in sizes:
+        batches = [[Entry("invoices.record_payment", f"cost-{uuid.uuid4()}", json.dumps([[body], {}, {}]),
+                          "application/json", "utf-8", {}) for body in bodies[start:start + size]]
+                   for start in range(0, messages + size, size)]
+        del bodies[:messages + size]
+        apply_batch(batches[0])  # warm: statements compiled, the connection made
+        began = time.process_time()
+        for batch in batches[1:]:
+            apply_batch(batch)
+        costs[size] = (time.process_time() - began) / (len(batches) - 1) * 1000
+    return costs
