@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from worker.cli.output import console
+from worker.operations.heartbeats import age_text
 
 LAST_HOUR = """
 SELECT count(*) FILTER (WHERE outcome = 'applied'), count(*) FILTER (WHERE outcome = 'rejected'),
@@ -64,15 +65,6 @@ def gather(database_url: str, broker_url: str, ping_timeout: float = 1.0) -> dic
     return report
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit} ago"
-    return f"{seconds:.1f}s ago"
-
-
 def show(report: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -85,7 +77,7 @@ def show(report: dict[str, Any]) -> None:
     out.print(f"workers answering ping: {len(workers)} ({', '.join(workers)})" if workers is not None else
               "workers answering ping: unknown")
     for component, seen in (report.get("heartbeats") or {}).items():
-        out.print(f"{component}: {'alive' if seen['alive'] else 'NOT SEEN'}, heartbeat {_age(seen['lastSeenAgeSeconds'])}")
+        out.print(f"{component}: {'alive' if seen['alive'] else 'NOT SEEN'}, heartbeat {age_text(seen['lastSeenAgeSeconds'])}")
     outbox = report["outbox"]
     if outbox is not None:
         out.print(f"outbox: {outbox['unpublished']} unpublished, oldest "
@@ -95,7 +87,7 @@ def show(report: dict[str, Any]) -> None:
     if hour is not None:
         out.print(f"last hour: {hour['applied']} applied, {hour['rejected']} rejected, {hour['duplicate']} duplicate, "
                   f"{hour['deadLettered']} dead-lettered")
-        out.print(f"last applied message: {_age(report['lastAppliedAgeSeconds'])}")
+        out.print(f"last applied message: {age_text(report['lastAppliedAgeSeconds'])}")
     for part, problem in report["problems"].items():
         out.print(f"[red]{part}: {problem}[/red]")
 

@@ -21,6 +21,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from worker.console import access, reads
+from worker.operations.heartbeats import age_text
 
 TEMPLATES = Path(__file__).parent / "templates"
 PAGE_SIZE = 50
@@ -42,7 +43,7 @@ class Console:
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                  undefined=jinja2.StrictUndefined)
         env.filters["when"] = lambda v: "" if v is None else (v if isinstance(v, str) else v.isoformat(timespec="seconds"))
-        env.filters["age"] = _age
+        env.filters["age"] = age_text
         self.templates = Jinja2Templates(env=env)
 
     # -- access -------------------------------------------------------------------------------
@@ -307,15 +308,6 @@ class Console:
             return refused
         rows = await run_in_threadpool(reads.audit)
         return self.render(request, "audit.html", rows=rows, dumps=lambda v: json.dumps(v, ensure_ascii=False))
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit} ago"
-    return f"{seconds:.0f}s ago"
 
 
 def create_app(tokens: dict[str, str], database_url: str, broker_url: str) -> Starlette:

@@ -47,8 +47,9 @@ class InvoiceTask(Task):
         try:
             if self._poisoned(body):
                 return self.keep(body, "worker-lost",
-                                 f"the message started {settings().max_deliveries} times and its worker process died "
-                                 f"each time (MAX_DELIVERIES={settings().max_deliveries}); it is not run again")
+                                 f"the message started {settings().max_deliveries} times without reaching an outcome "
+                                 f"(its worker process died, or it was handed back: a retry that could not be sent) "
+                                 f"(MAX_DELIVERIES={settings().max_deliveries}); it is not run again")
             return self.run(*args, **kwargs)
         except TaskPredicate:  # Celery's own control flow: a retry, a reject
             raise

@@ -93,3 +93,11 @@ def read(db: Any) -> dict[str, Any]:
     return found
 
 
+def age_text(seconds: float | None) -> str:
+    """A heartbeat's (or any moment's) age as `status` and the console show it: "12.0s ago", "3.5m ago"."""
+    if seconds is None:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit} ago"
+    return f"{seconds:.1f}s ago"
