@@ -76,13 +76,12 @@ class OwnBroker:
 
 
 def send_to(broker_url: str, task: str, body: dict[str, Any]) -> None:
-    """Publish a task to the given broker, as an upstream service would (with that broker's transport:
-    the app's broker_transport is its own broker's, which a URL of another scheme must not take)."""
-    from worker.brokers.topology import transport_for
+    """Publish a task to the given broker, as an upstream service would (its scheme picks the
+    transport: worker/brokers/__init__.py)."""
     from worker.brokers.topology import queue_for
     from worker.celery_app import app
 
-    with app.connection_for_write(broker_url, transport=transport_for(broker_url)) as connection:
+    with app.connection_for_write(broker_url) as connection:
         app.send_task(task, args=[body], queue=queue_for(task), connection=connection)
 
 

@@ -93,8 +93,8 @@ class Tail:
 
 
 def speaks_amqp(connection: Any) -> bool:
-    """Whether a kombu connection is to RabbitMQ: by its transport's driver, not its URI (which
-    names the transport class, worker/brokers/amqp_transport.py, where the scheme was)."""
+    """Whether a kombu connection is to RabbitMQ: by its transport's driver (amqp:// and pyamqp://
+    take worker/brokers/amqp_transport.py, amqps:// kombu's own)."""
     return connection.transport.driver_type == "amqp"
 
 

@@ -31,7 +31,6 @@ from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps as json_dumps
 
-from worker.brokers.topology import transport_for
 from worker.endpoints import CONNECT_OPTIONS, libpq_url
 from worker.operations import metrics
 
@@ -51,7 +50,7 @@ CONFIRM_TIMEOUT_SECONDS = 30.0
 
 
 def broker_connection(broker_url: str) -> Connection:
-    return Connection(broker_url, transport=transport_for(broker_url), transport_options={"confirm_publish": True},
+    return Connection(broker_url, transport_options={"confirm_publish": True},
                       connect_timeout=5)
 
 

@@ -49,18 +49,6 @@ def is_amqp(broker_url: str | None) -> bool:
     return bool(broker_url) and broker_url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
 
 
-def transport_for(broker_url: str | None) -> str | None:
-    """The transport class for a broker URL: worker/brokers/redis_transport.py for redis://,
-    worker/brokers/amqp_transport.py for amqp:// (one acknowledgement per batch), kombu's choice
-    otherwise (amqps:// keeps kombu's own, which sets up TLS from the scheme)."""
-    scheme = broker_url.split("://", 1)[0] if broker_url else ""
-    if scheme in ("redis", "rediss"):
-        return "worker.brokers.redis_transport:Transport"
-    if scheme in ("amqp", "pyamqp"):
-        return "worker.brokers.amqp_transport:Transport"
-    return None
-
-
 def quorum_arguments(max_deliveries: int) -> dict[str, Any]:
     """Arguments of every durable queue the worker consumes on RabbitMQ."""
     return {
@@ -126,8 +114,8 @@ def broker_settings(names: list[str] | tuple[str, ...], broker_url: str | None, 
     """The Celery settings that depend on the broker URL."""
     return {
         "broker_url": broker_url,
-        # Redis: kombu's transport, handing back at once what a broker restart left unacknowledged.
-        "broker_transport": transport_for(broker_url),
+        # The transport follows the URL's scheme (worker/brokers/__init__.py): none named here.
+        "broker_transport": None,
         "task_queues": task_queues(names, broker_url, max_deliveries),
     }
 

@@ -100,9 +100,7 @@ else:
             if len(urls) < 2 or c.connection is None:
                 return super().start(c)
             self._validate_configuration(c.app)
-            # as_uri names the transport class (worker/brokers/amqp_transport.py) where the scheme
-            # was: Celery's step parses the URL, and connection_for_write takes the app's transport
-            url = "amqp://" + c.connection.as_uri(include_password=True).split("://", 1)[1]
+            url = c.connection.as_uri(include_password=True)
             try:
                 retry_over_time(self._setup_delayed_delivery, args=(c, url), catch=RETRIED_EXCEPTIONS,
                                 errback=self._on_retry, interval_start=RETRY_INTERVAL, max_retries=MAX_RETRIES)
