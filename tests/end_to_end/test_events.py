@@ -11,6 +11,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -240,6 +241,80 @@ def test_events_wait_in_the_outbox_while_the_broker_is_down(paused_shared_relay,
         except Exception:
             pass
 
+
+
+def parked() -> int:
+    with db.sessions()() as s:
+        return s.scalar(select(func.count()).select_from(OutboxEvent).where(OutboxEvent.parked_at.is_not(None)))
+
+
+def full_queue(conn) -> Any:
+    """A queue bound to invoices.events that refuses every publish routed to it (RabbitMQ nacks it)."""
+    from kombu import Exchange, Queue
+
+    queue = Queue(f"test-full-{uuid.uuid4().hex[:8]}", Exchange("invoices.events", type="topic", durable=True),
+                  routing_key="#", queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    bound = queue(conn.default_channel)
+    bound.declare()
+    return bound
+
+
+def test_events_rabbitmq_refuses_go_again_and_are_never_parked(paused_shared_relay, events, tmp_path):
+    """RabbitMQ refuses a publish (basic.nack) when a queue cannot take it for now: a quorum queue
+    without a leader while a node is lost (two events of the cluster scenario with mq1 cut off were
+    parked so, and consumers saw gaps), or, here, a queue bound to invoices.events that rejects
+    publishes while it is full (x-max-length 0, x-overflow reject-publish). Nothing about the event
+    itself: it is neither marked published nor parked, and goes again, until the queue takes it."""
+    from kombu import Connection
+
+    if not os.environ.get("BROKER_URL", "").startswith("amqp"):
+        pytest.skip("basic.nack is RabbitMQ's (publisher confirms)")
+    before = parked()
+    with Connection(os.environ["BROKER_URL"]) as conn:
+        full = full_queue(conn)
+        event_ids = outbox_rows(20)
+        relay = relay_process(tmp_path)
+        try:
+            wait_for(lambda: b"basic.nack" in relay.log.read_bytes(), 30, what="RabbitMQ to refuse the relay's events")
+            assert parked() == before, "a refused event was parked"
+            assert unpublished() == 20, "a refused event was marked published"
+            full.delete()
+            wait_for(lambda: unpublished() == 0, 60, what="the refused events to go again once the queue takes them")
+            received = events.drain(lambda e: set(event_ids) <= {x["eventId"] for x in e}, timeout=30)
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            relay.wait(10)
+    assert set(event_ids) <= {e["eventId"] for e in received}
+    assert parked() == before
+
+
+def test_one_event_at_a_time_a_refused_event_is_not_parked_either(paused_shared_relay, database):
+    """The relay's path without pipelined confirms (kombu's amqps:// transport has none): kombu's
+    confirmed publish retries the refused event and then raises; the batch fails whole, nothing in
+    it is marked published or parked, and it goes again."""
+    import psycopg
+    from kombu import Producer
+    from kombu.exceptions import OperationalError
+
+    from worker.brokers.relay import EVENTS_EXCHANGE, Relay, broker_connection
+    from worker.endpoints import libpq_url
+
+    if not os.environ.get("BROKER_URL", "").startswith("amqp"):
+        pytest.skip("basic.nack is RabbitMQ's (publisher confirms)")
+    url = os.environ["BROKER_URL"]
+    sender = Relay(database, url, pipeline=False)
+    with psycopg.connect(libpq_url(database)) as conn:
+        with broker_connection(url) as broker:
+            EVENTS_EXCHANGE(broker.default_channel).declare()
+            full = full_queue(broker)
+            outbox_rows(3)
+            with pytest.raises(OperationalError):
+                sender.publish_batch(conn, Producer(broker.default_channel))
+        assert (unpublished(), parked()) == (3, 0)
+        with broker_connection(url) as broker:  # as the relay does after a failed batch: connect again
+            full.bind(broker.default_channel).delete()
+            assert sender.publish_batch(conn, Producer(broker.default_channel)) == 3
+    assert (unpublished(), parked()) == (0, 0)
 
 
 def test_events_status_and_tail_commands(running):

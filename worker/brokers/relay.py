@@ -12,8 +12,11 @@ LPUSHes in a pipeline too, but still routes each message as it comes (one SMEMBE
 publish_pipelined 40 / 46.
 On RabbitMQ a batch goes with its confirms pipelined (worker/brokers/amqp_transport.py
 publish_confirmed_many): every event published, then every confirm awaited, where py-amqp's confirm
-mode waits for each before the next. An event RabbitMQ refuses (basic.nack) is parked; a channel it
-closes fails the batch, as a refused confirmed publish did.
+mode waits for each before the next. An event RabbitMQ refuses (basic.nack) is not marked published
+and goes again after a back-off: RabbitMQ nacks when a queue cannot take a message for now (a quorum
+queue without a leader while a node is lost, a full queue that rejects publishes), never for what
+the message holds, so parking it left consumers a gap until an operator replayed it (two events
+of a cluster scenario, mq1 cut off). A channel it closes fails the batch.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ MAX_EVENT_BYTES = 4 * 1024 * 1024
 IDLE_POLL_SECONDS = 2.0
 # RabbitMQ: how long a batch's confirms may take.
 CONFIRM_TIMEOUT_SECONDS = 30.0
+# A relay that published for this long before a failure starts its back-off again from the shortest.
+HEALTHY_SECONDS = 30.0
+
+
+class BrokerRefused(Exception):
+    """RabbitMQ refused events of a batch (basic.nack): they stay unpublished and go again."""
 
 
 def broker_connection(broker_url: str) -> Connection:
@@ -96,9 +105,12 @@ class Relay:
 
     def publish_batch(self, db: psycopg.Connection, producer: Producer) -> int:
         """Publish up to one batch of unpublished rows in id order (at most `batch` rows and about
-        BATCH_BYTES of payload); return how many rows it handled. A row the broker refuses, or one
-        larger than MAX_EVENT_BYTES, is parked with its error instead of failing the batch: one
-        event never holds up the others. Losing the broker itself still fails the batch."""
+        BATCH_BYTES of payload); return how many rows it handled. A row larger than MAX_EVENT_BYTES,
+        or one Redis refuses, is parked with its error instead of failing the batch: one event never
+        holds up the others. Rows RabbitMQ refuses (basic.nack: a queue that cannot take messages
+        for now) stay unpublished while the rest is marked, and then BrokerRefused sends the relay
+        into its back-off; one event at a time (kombu's confirmed publish, which retries a refused
+        one and then raises OperationalError) the refusal fails the batch, as losing the broker does."""
         # The exchange's type lives in the connection's state on kombu's virtual transports (Redis):
         # on a connection that never declared it, kombu routes as a direct exchange, no queue bound
         # with a pattern matches, and every event would be marked published having gone nowhere.
@@ -111,6 +123,7 @@ class Relay:
         # cluster node was SIGKILLed mid-publish.
         broker_errors = (producer.connection.connection_errors + producer.connection.channel_errors
                          + (OperationalError, KombuConnectionError))
+        refused = 0
         with db.transaction():
             rows = db.execute(
                 "SELECT id, type, payload, octet_length(payload::text), traceparent FROM outbox "
@@ -146,7 +159,7 @@ class Relay:
                         published.append(id_)
                         types.append(type_)
                     else:
-                        parked.append((id_, "RabbitMQ refused the event (basic.nack)"))
+                        refused += 1  # not marked: it goes again
                 sendable = []
             for id_, type_, payload, traceparent in sendable:
                 try:
@@ -170,6 +183,8 @@ class Relay:
                            (reason, id_))
         self.published += len(published)
         metrics.count_events(types)
+        if refused:  # the rest of the batch is marked; the refused go again after the relay's back-off
+            raise BrokerRefused(f"RabbitMQ refused {refused} events (basic.nack); they stay unpublished and go again")
         return len(published) + len(parked)
 
     @staticmethod
@@ -185,13 +200,15 @@ class Relay:
         stop = stop or threading.Event()
         delay = 0.5
         while not stop.is_set():
+            began = time.monotonic()
             try:
                 self._serve(stop)
                 delay = 0.5
-            except (psycopg.Error, OSError, ConnectionError) as exc:
-                log.warning("relay: %s; reconnecting in %.1fs", exc, delay)
-            except Exception as exc:  # kombu's connection errors vary by transport
-                log.warning("relay: %s: %s; reconnecting in %.1fs", type(exc).__name__, exc, delay)
+            except Exception as exc:  # PostgreSQL or the broker away (kombu's errors vary by transport), a refusal
+                if time.monotonic() - began > HEALTHY_SECONDS:
+                    delay = 0.5
+                known = isinstance(exc, (psycopg.Error, OSError, ConnectionError, BrokerRefused))
+                log.warning("relay: %s; reconnecting in %.1fs", exc if known else f"{type(exc).__name__}: {exc}", delay)
             stop.wait(delay)
             delay = min(delay * 2, 10.0)
 
