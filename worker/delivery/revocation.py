@@ -48,7 +48,7 @@ class Request(CeleryRequest):
     process both the decoded args (in the request's dict) and the encoded body, which the pool
     process decodes again. Here the pool process gets the decoded body instead, as Celery's own
     requests from older protocols do: the args cross the pipe once, and nothing is decoded twice
-    (a bulk import of 2,000 invoices is megabytes of JSON)."""
+    (a bulk import of 10,000 invoices is megabytes of JSON)."""
 
     def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(message, *args, **kwargs)
