@@ -42,21 +42,6 @@ def measure(label: str, n_pay: int, n_inv: int, seconds: float, concurrency: int
     return {"label": label, "server": server, "alone": alone, "e2e": e2e, "fast": fast, "half": half}
 
 
-def end_to_end_again(n_pay: int, n_inv: int, concurrency: int, database: str | None) -> dict:
-    """Valkey's end to end once more, last: how far the shared machine drifted during the run (the
-    brokers are measured one after the other, not side by side in time)."""
-    if database is None:
-        os.environ.pop("DATABASE_URL", None)
-    else:
-        os.environ["DATABASE_URL"] = database
-    env = Environment()
-    try:
-        numbers = payments.setup_invoices(env, n_inv)
-        return payments.end_to_end(env, payments.payment_bodies(numbers, n_pay), concurrency)
-    finally:
-        env.close()
-
-
 def row(result: dict, valkey: dict) -> list[str]:
     def lat(r: dict) -> str:
         missing = f", {r['missing']} late" if r["missing"] else ""
@@ -100,14 +85,11 @@ def main() -> int:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    again = end_to_end_again(n_pay, n_inv, concurrency, database)
     rows = [row(result, results[0]) for result in results]
     header = (f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores, worker concurrency "
               f"{concurrency}{' (quick run)' if args.quick else ''}; {n_pay:,} record_payment on {n_inv:,} invoices; "
               f"latency for {seconds} s at each rate (p50 / p95 / p99, publish to event received); "
-              f"whole run {time.monotonic() - began:.0f} s. Valkey's end to end again at the end of the run: "
-              f"{again['rate']:.0f} msg/s ({again['rate'] / results[0]['e2e']['rate']:.0%} of its first; CPU per "
-              f"message, µs {payments.cpu_split(again)}).")
+              f"whole run {time.monotonic() - began:.0f} s.")
     table = ["| broker | server | end to end | the bench's publisher alone | latency at 200 msg/s | latency at 100 msg/s "
              "| CPU per message, µs (end to end) | worker PSS (end to end) |", "|---|---|---|---|---|---|---|---|", *(f"| {' | '.join(r)} |" for r in rows)]
     goals = ("Targets (issue #29, reported, never asserted): RabbitMQ end to end at least 90% of Valkey's on classic "
