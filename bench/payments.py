@@ -201,8 +201,7 @@ def ceiling_b(env: Environment, numbers: list[str], seconds: float) -> dict[str,
 
 def publish_payments_until_applied(env: Environment, bodies: list[dict[str, Any]]) -> tuple[Sent, float]:
     """Publish record_payment bodies and wait until each has its inbox record and was acknowledged;
-    how many messages a batch held on average (a batch's inbox rows share their transaction's
-    start, processed_at: a pool process commits a batch in one transaction)."""
+    how many messages a batch held on average (batch_fill)."""
     # Only the inbox rows made since the part began, through the BRIN index on processed_at (a
     # claim's processed_at is its transaction's start, after this clock reading). Counting every
     # record_payment row, ten times a second, was a sequential scan of the whole inbox: with
@@ -215,9 +214,14 @@ def publish_payments_until_applied(env: Environment, bodies: list[dict[str, Any]
     sent = publish("invoices.record_payment", bodies, "invoices.payments")
     wait(lambda: env.sql(*applied)[0][0] >= before + len(bodies), 300, interval=0.1)
     wait(env.queue_drained, 30)
-    messages, batches = env.sql("SELECT count(*), count(DISTINCT processed_at) FROM inbox WHERE processed_at >= %s "
-                                "AND task = 'invoices.record_payment'", (since,))[0]
-    return sent, messages / max(1, batches)
+    return sent, batch_fill(env, "processed_at >= %s AND task = 'invoices.record_payment'", since)
+
+
+def batch_fill(env: Environment, where: str, value: Any) -> float:
+    """How many messages a batch held on average, of the inbox rows `where` picks: a batch's rows
+    share their transaction's start (processed_at), a pool process committing a batch in one."""
+    messages, batches = env.sql(f"SELECT count(*), count(DISTINCT processed_at) FROM inbox WHERE {where}", (value,))[0]
+    return messages / max(1, batches)
 
 
 def end_to_end(env: Environment, bodies: list[dict[str, Any]], concurrency: int,
@@ -294,8 +298,9 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
     with Connection(env.broker_url) as conn:
         Queue(name, Exchange("invoices.events", type="topic", durable=True), routing_key="payment.recorded",
               durable=False)(conn.default_channel).declare()
+    # Both on the wall clock, the one PostgreSQL's timestamps use (one machine): the stages of the
+    # slowest messages are read between them.
     sent: dict[str, float] = {}
-    wall: dict[str, float] = {}  # the same moments on the wall clock, PostgreSQL's (one machine)
     received: dict[str, float] = {}
     stop = threading.Event()
     reader = None if env.amqp else redis.Redis.from_url(env.broker_url)
@@ -312,7 +317,7 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
                              virtual_host=unquote(url.path[1:]) or "/") as conn:
             channel = conn.channel()
             channel.basic_consume(name, no_ack=True, callback=lambda m: received.__setitem__(
-                json.loads(m.body)["causationId"], time.monotonic()))
+                json.loads(m.body)["causationId"], time.time()))
             while not stop.is_set():
                 try:
                     conn.drain_events(timeout=1)
@@ -330,7 +335,7 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
             body = envelope["body"]
             if envelope.get("properties", {}).get("body_encoding") == "base64":
                 body = base64.b64decode(body)
-            received[json.loads(body)["causationId"]] = time.monotonic()
+            received[json.loads(body)["causationId"]] = time.time()
 
     consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
@@ -344,8 +349,7 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
                 pause = began + i / rate - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
-                sent[body["messageId"]] = time.monotonic()
-                wall[body["messageId"]] = time.time()
+                sent[body["messageId"]] = time.time()
                 app.send_task("invoices.record_payment", args=[body], queue="invoices.payments", producer=producer)
             try:
                 wait(lambda: len(received.keys() & sent.keys()) >= len(bodies), 60)
@@ -361,16 +365,13 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
             "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), percentile_cont(0.99) WITHIN GROUP (ORDER BY d) "
             "FROM (SELECT extract(epoch FROM published_at - created_at) * 1000 AS d FROM outbox "
             "WHERE type = 'payment.recorded' AND causation_id = ANY(%s)) AS x", (list(sent),))[0]
-        batches = env.sql("SELECT count(DISTINCT processed_at) FROM inbox WHERE tenant_id = 'bench' AND message_id = ANY(%s)",
-                          (list(sent),))[0][0]
         return {"p50": statistics.median(delays), "p95": q[94], "p99": q[98], "count": len(delays),
-                "batch_fill": len(sent) / max(1, batches),
+                "batch_fill": batch_fill(env, "tenant_id = 'bench' AND message_id = ANY(%s)", list(sent)),
                 "missing": len(bodies) - len(delays), "pss_mb": memory.mb, "rss_mb": memory.rss_mb,
                 "commit_to_publish_p50": float(relay_ms[0]), "commit_to_publish_p99": float(relay_ms[1]), "busy": busy,
                 **{key: cpu / len(bodies) * 1e6 for key, cpu in split.items()},
                 **{f"{name}_cpu_us": cpu / len(bodies) * 1e6 for name, cpu in servers.seconds.items()},
-                "slowest": _stages(env, {m: wall[m] + received[m] - sent[m] for m in sent if m in received}, wall,
-                                   q[98])}
+                "slowest": _stages(env, sent, received, q[98])}
     finally:
         stop.set()
         consumer.join(5)
@@ -397,21 +398,21 @@ def _busy(before: Any, after: Any) -> float:
 STAGES = ("to its batch", "applying", "commit and relay", "to arrival")
 
 
-def _stages(env: Environment, arrived: dict[str, float], wall: dict[str, float], p99_ms: float) -> dict[str, float]:
+def _stages(env: Environment, sent: dict[str, float], arrived: dict[str, float], p99_ms: float) -> dict[str, float]:
     """Where the slowest 1% of messages (publish to arrival at or above p99) spent their time, mean
     ms per stage: publish to their batch's transaction start (broker, fetch, gathering the batch,
     the hand-off to a pool process: the inbox row's processed_at), applying (to the outbox row's
     insert), commit and relay (the commit, the relay's next read and its publication: published_at,
     marked once the broker took the event) and from there to arrival (the bench's consumer; the
     event may arrive before the relay marks it, by a millisecond)."""
-    slow = [m for m in arrived if (arrived[m] - wall[m]) * 1000 >= p99_ms]
+    slow = [m for m in arrived if m in sent and (arrived[m] - sent[m]) * 1000 >= p99_ms]
     rows = env.sql(
         "SELECT i.message_id, extract(epoch FROM i.processed_at), extract(epoch FROM o.created_at), "
         "extract(epoch FROM o.published_at) FROM inbox AS i JOIN outbox AS o ON o.causation_id = i.message_id "
         "AND o.type = 'payment.recorded' WHERE i.tenant_id = 'bench' AND i.message_id = ANY(%s)", (slow,))
     totals = [0.0] * len(STAGES)
     for message, started, inserted, published in rows:
-        marks = [wall[message], float(started), float(inserted), float(published), arrived[message]]
+        marks = [sent[message], float(started), float(inserted), float(published), arrived[message]]
         for n in range(len(STAGES)):
             totals[n] += (marks[n + 1] - marks[n]) * 1000
     return {stage: total / max(1, len(rows)) for stage, total in zip(STAGES, totals)}
