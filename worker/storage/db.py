@@ -11,6 +11,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from worker.config import settings
 from worker.endpoints import CONNECT_OPTIONS, IDLE_IN_TRANSACTION_MS, database_url
 
+# Sequential scans off (enable_seqscan=off) for every connection of ours: each statement we run
+# finds its rows by key, and has an index to do it with. On a young or fast-growing database the
+# planner's statistics lag the tables (autovacuum analyzes a minute later at best); a plan made
+# when the inbox held a few hundred rows, cached with its prepared statement for the connection's
+# life, scanned the whole inbox for every outcome a batch wrote: 225 pages and 0.9 ms an update at
+# 20,000 rows, PostgreSQL's CPU per message 805 µs instead of 284 (pg_stat_statements and
+# auto_explain, in bench/brokers.py's end to end). A statement with no index to use still scans.
+# tests/integration/test_batch_plans.py holds a batch to it.
+
 _lock = threading.Lock()
 _engine: Engine | None = None
 _engine_pid: int | None = None
@@ -27,7 +36,7 @@ def engine() -> Engine:
             config = settings()
             _engine = create_engine(database_url(), pool_size=4, max_overflow=4, pool_recycle=1800, connect_args={
                 "options": f"-c statement_timeout={config.statement_timeout_ms} -c lock_timeout={config.lock_timeout_ms}"
-                           f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
+                           f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS} -c enable_seqscan=off",
                 **CONNECT_OPTIONS,
             })
             _engine_pid = os.getpid()
