@@ -1,8 +1,9 @@
 """Two worker nodes (as on two hosts), two relays and two beats; pool processes SIGKILLed at
 random while 6,000 payments arrive, 30% of them sent twice. A kill counts only when its victim was
-mid-task (a transaction open: conftest.kill_pool_process), and the killing stops with the stream:
-they stop once nine tenths of the messages have their outcome, so that the final wait is for
-the worker to finish, not for the next kill."""
+mid-task (a transaction open: conftest.kill_pool_process). The kills are spread over the stream by
+its progress, one each time another ninth of the way to nine tenths of the outcomes is reached,
+not by the clock: a worker that got faster went through the whole stream between four kills.
+They stop at nine tenths, so that the final wait is for the worker to finish, not for a kill."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.faults.traffic import Stream, amounts, payment
 
 PAYMENTS = 6_000
 INVOICES = 100
+KILLS = 8
 
 
 def test_two_nodes_random_kills_and_duplicates(scenario, reliability, tmp_path):
@@ -37,13 +39,19 @@ def test_two_nodes_random_kills_and_duplicates(scenario, reliability, tmp_path):
     positioned += [(rng.uniform(i + 1, PAYMENTS + 1), bodies[i]) for i in rng.sample(range(PAYMENTS), PAYMENTS * 3 // 10)]
     stream = [body for _, body in sorted(positioned, key=lambda pair: pair[0])]
     kills, stop = [], threading.Event()
+    done = len(ledger.messages) + PAYMENTS  # the invoices' outcomes, then one per payment's messageId
 
     def kill_at_random() -> None:
-        while not stop.wait(rng.uniform(0.5, 2.0)):
-            pid = kill_pool_process(rng.choice(nodes).pid, lambda children: rng.choice(children),
-                                    scenario.database_url)
-            if pid:
-                kills.append(pid)
+        for milestone in range(1, KILLS + 1):
+            while len(outcomes(scenario.database_url)) < 0.9 * done * milestone / (KILLS + 1):
+                if stop.wait(0.1):
+                    return
+            while not stop.wait(rng.uniform(0.01, 0.05)):  # until a victim is caught mid-task
+                pid = kill_pool_process(rng.choice(nodes).pid, lambda children: rng.choice(children),
+                                        scenario.database_url)
+                if pid:
+                    kills.append(pid)
+                    break
 
     killer = threading.Thread(target=kill_at_random, daemon=True)
     killer.start()
@@ -51,7 +59,7 @@ def test_two_nodes_random_kills_and_duplicates(scenario, reliability, tmp_path):
         Stream(scenario.publisher(), ledger, "invoices.record_payment", stream, per_second=2000).start().join(300)
         # the kills go on while the nodes work through the stream, and stop before its last tenth
         deadline = time.monotonic() + 300
-        while len(outcomes(scenario.database_url)) < 0.9 * len(ledger.messages) and time.monotonic() < deadline:
+        while len(outcomes(scenario.database_url)) < 0.9 * done and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
         stop.set()
