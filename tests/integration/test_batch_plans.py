@@ -14,21 +14,12 @@ from typing import Any
 
 from sqlalchemy import event, text
 
-from messages.schemas import OrderShipped
 import tasks.payments  # noqa: F401 - declares record_payment batchable
-from tasks.orders import create_from_order
+from tests.integration.test_payment_ids import issued
 from worker.delivery.batching import ACK, Entry, apply_batch
-from worker.delivery.handling import execute, parse
 from worker.storage import db
 
 TABLES = ("inbox", "invoices", "payments")
-
-
-def issued(tenant: str) -> str:
-    message = parse(OrderShipped, {"messageId": f"m-{uuid.uuid4()}", "tenantId": tenant, "orderId": f"O-{uuid.uuid4()}",
-                                   "currency": "USD", "autoIssue": True,
-                                   "lineItems": [{"quantity": "1", "unitPrice": "100.00"}]})
-    return execute("invoices.order_shipped", message, create_from_order).invoice_number
 
 
 def entry(task: str, body: dict[str, Any]) -> Entry:
