@@ -17,9 +17,11 @@ def run(env: Environment, count: int) -> dict[str, dict[str, float]]:
     from worker.brokers.relay import EVENTS_EXCHANGE, Relay, broker_connection
 
     name = f"bench-relay-{uuid.uuid4().hex[:6]}"
-    with Connection(env.broker_url) as conn:  # one consumer queue bound to every event, as in production
-        Queue(name, Exchange(EVENTS_EXCHANGE.name, type="topic", durable=True), routing_key="#",
-              durable=False)(conn.default_channel).declare()
+    # One consumer queue bound to every event, as in production; declared and deleted on one
+    # connection (on Redis, kombu's delete removes the binding only on the connection that made it).
+    declared = Connection(env.broker_url)
+    Queue(name, Exchange(EVENTS_EXCHANGE.name, type="topic", durable=True), routing_key="#",
+          durable=False)(declared.default_channel).declare()
     results: dict[str, dict[str, float]] = {}
     try:
         for label, pipeline in (("one publish per event", False), ("pipelined batches", True)):
@@ -38,6 +40,6 @@ def run(env: Environment, count: int) -> dict[str, dict[str, float]]:
             results[label] = {"cpu_us": cpu / relay.published * 1e6, "rate": relay.published / seconds,
                               "events": relay.published}
     finally:
-        with Connection(env.broker_url) as conn:
-            conn.default_channel.queue_delete(name)
+        with declared:
+            declared.default_channel.queue_delete(name)
     return results
