@@ -35,6 +35,7 @@ from models.errors import DomainError
 from models.invoice import Invoice, InvoiceValues
 from models.payment import Payment
 from models.rules import S
+from worker.storage import table_statistics
 from worker.storage.records import DeletedInvoice
 from worker.storage.unit_of_work import Outcome, UnitOfWork, event_envelope, occurred_at
 
@@ -371,6 +372,7 @@ def _import_batch(uow: UnitOfWork, message: BulkImport) -> Outcome:
     for invoice, _ in batch.changed:
         invoice.updated_at = now
     write(uow, batch)
+    table_statistics.counted_at_commit(uow.session)  # for the task's refresh_if_stale, after the commit
     summary = {"batchId": message.batch_id, "counts": batch.counts, "rejected": batch.rejected}
     uow.emit("import.completed", summary)
     return Outcome("applied", message.message_id, extra=summary)

@@ -1,0 +1,74 @@
+"""An import that leaves the invoices table's statistics behind refreshes them (worker/storage/
+table_statistics.py), and a batch for the imported tenant then finds its invoices by key instead of
+walking the tenant's invoices. Both run here in this process, as a pool process runs them."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import event, text
+
+from tests.integration.test_batch_plans import entry
+from tests.integration.test_import_plans import send
+from worker.delivery.batching import ACK, apply_batch
+from worker.storage import db, table_statistics
+
+INVOICES = 1200
+PAID = 30
+
+
+def invoice_entries_read(tenant: str, first: int) -> int:
+    """Index entries of invoices a batch of PAID record_payment (invoices first.. of the tenant) reads."""
+    reads: list[int] = []
+
+    def count(conn: Any) -> None:
+        # This backend's counts, flushed or not: the change between the batch's start and its COMMIT.
+        reads.append(int(conn.connection.driver_connection.execute(
+            "SELECT sum(pg_stat_get_xact_tuples_returned(indexrelid)) FROM pg_index "
+            "WHERE indrelid = 'invoices'::regclass").fetchone()[0]))
+
+    bodies = [{"messageId": f"pay-{uuid.uuid4()}", "tenantId": tenant, "invoiceNumber": f"N-{first + i:05d}",
+               "amount": "1.00", "currency": "USD", "paymentMethod": "EFT", "occurredAt": "2026-11-24T10:15:02Z"}
+              for i in range(PAID)]
+    event.listen(db.engine(), "begin", count)
+    event.listen(db.engine(), "commit", count)
+    try:
+        assert apply_batch([entry("invoices.record_payment", body) for body in bodies]) == [ACK] * PAID
+    finally:
+        event.remove(db.engine(), "begin", count)
+        event.remove(db.engine(), "commit", count)
+    return reads[1] - reads[0]
+
+
+def test_an_import_that_outgrows_the_statistics_refreshes_them(database, monkeypatch):
+    monkeypatch.setattr(table_statistics, "STALE_ROWS", INVOICES // 2)
+    tenant = f"t-stats-{uuid.uuid4().hex[:6]}"
+    with db.engine().connect() as conn:
+        conn.execute(text("ANALYZE invoices"))  # before any invoice of this tenant: it looks empty
+        conn.commit()
+    assert not table_statistics.refresh_if_stale()  # nothing changed since
+    for b in range(INVOICES // 200):
+        assert send(tenant, [f"N-{b * 200 + i:05d}" for i in range(200)])["created"] == 200
+    # Payments to the tenant, on the plans the stale statistics give: the tenant's invoices walked.
+    for k in range(5):  # a statement is prepared (its generic plan cached) from its sixth run
+        invoice_entries_read(tenant, k * PAID)
+    stale = invoice_entries_read(tenant, 5 * PAID)
+    assert stale >= INVOICES
+
+    assert table_statistics.refresh_if_stale()  # 1,200 rows and more changed: analyzed
+    assert not table_statistics.refresh_if_stale()  # and not again
+    fresh = invoice_entries_read(tenant, 6 * PAID)
+    # Each paid invoice found by its number (and locked), nothing walked.
+    assert fresh <= 2 * PAID
+
+
+def test_one_analyze_at_a_time(database, monkeypatch):
+    """While another worker analyzes (holds the advisory lock), an import goes on without waiting."""
+    monkeypatch.setattr(table_statistics, "STALE_ROWS", 1)
+    send(f"t-stats-{uuid.uuid4().hex[:6]}", ["N-1", "N-2"])
+    with db.engine().connect() as other:
+        assert other.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": table_statistics.ANALYZE_LOCK}).scalar()
+        assert not table_statistics.refresh_if_stale()
+        other.rollback()
+    assert table_statistics.refresh_if_stale()
