@@ -27,7 +27,7 @@ STOPS = [
     ("  load and lock the batch's invoices (one statement, ORM)", "_load_and_lock (worker/delivery/batching.py"),
     ("  the domain operations", "InvoicePayments.record_payment"),
     ("  ORM flush: invoices (one executemany), payments (one insert)", "Session.flush ("),
-    # The batch's multi-row statements run inline in _transaction: py-spy's frames carry the line.
+    # The batch's multi-row statements run inline in _write: py-spy's frames carry the line.
     ("  inbox outcomes (RECORD, one statement)", "connection.execute(RECORD, "),
     ("  outbox rows (one statement)", "connection.execute(OUTBOX_INSERT, "),
     ("  history rows (one statement)", "connection.execute(HISTORY_INSERT, "),
@@ -37,8 +37,10 @@ STOPS = [
 
 
 def _inline(stops: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """A stop named by a statement of worker/delivery/batching.py's _transaction becomes the frame of its
-    line there (one line, the call's first); a statement no longer found there is left out."""
+    """A stop named by a statement of worker/delivery/batching.py becomes the frame of its line
+    there, in the function that holds it (one line, the call's first); a statement no longer
+    found there is left out. (They ran in _transaction once and now run in _write: naming the
+    function by hand left these rows at 0% when they moved.)"""
     source = (ROOT / "worker" / "delivery" / "batching.py").read_text().splitlines()
     resolved = []
     for label, frame in stops:
@@ -46,7 +48,9 @@ def _inline(stops: list[tuple[str, str]]) -> list[tuple[str, str]]:
             lines = [n for n, text in enumerate(source, 1) if text.strip().startswith(frame)]
             if len(lines) != 1:
                 continue
-            frame = f"_transaction (worker/delivery/batching.py:{lines[0]})"
+            function = next(text.split("def ", 1)[1].split("(", 1)[0] for text in reversed(source[:lines[0]])
+                            if text.startswith("def "))
+            frame = f"{function} (worker/delivery/batching.py:{lines[0]})"
         resolved.append((label, frame))
     return resolved
 
