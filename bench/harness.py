@@ -228,11 +228,14 @@ def relay() -> Process:
 
 
 class PeakMemory:
-    """Samples the memory of processes (main and pool children) every 100 ms; keeps the peaks of
-    the PSS sum (what the worker really holds) and of the RSS sum (shared pages counted again)."""
+    """Samples the memory of processes (main and pool children) every `interval` seconds; keeps the
+    peaks of the PSS sum (what the worker really holds) and of the RSS sum (shared pages counted
+    again). A sample reads each process's smaps_rollup: 4.7 ms of this process's CPU for a worker
+    of three pool processes and the relay (the kernel walks their page tables)."""
 
-    def __init__(self, *procs: Process) -> None:
+    def __init__(self, *procs: Process, interval: float = 0.1) -> None:
         self.procs = procs
+        self.interval = interval
         self.peak = 0
         self.peak_rss = 0
         self._stop = threading.Event()
@@ -243,7 +246,7 @@ class PeakMemory:
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(0.1):
+        while not self._stop.wait(self.interval):
             samples = [p.memory() for p in self.procs]
             self.peak = max(self.peak, sum(pss for pss, _ in samples))
             self.peak_rss = max(self.peak_rss, sum(rss for _, rss in samples))
