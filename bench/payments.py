@@ -13,7 +13,7 @@ import psutil
 import psycopg
 from kombu import Producer
 
-from bench.harness import Environment, PeakMemory, ServerCpu, relay, wait, worker
+from bench.harness import Environment, EventsQueue, PeakMemory, ServerCpu, relay, wait, worker
 
 
 def setup_invoices(env: Environment, count: int, prefix: str = "B") -> list[str]:
@@ -288,18 +288,13 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
     import json
 
     import redis
-    from kombu import Connection, Exchange, Queue
 
     from worker.celery_app import app
 
     env.settle()
     proc, rel = worker(concurrency, worker_env), relay()
-    name = f"bench-latency-{uuid.uuid4().hex[:6]}"
-    # Declared, and deleted at the end, on one connection: on Redis kombu's delete removes the
-    # queue's binding only on the connection that made it (its bindings are that connection's state).
-    declared = Connection(env.broker_url)
-    Queue(name, Exchange("invoices.events", type="topic", durable=True), routing_key="payment.recorded",
-          durable=False)(declared.default_channel).declare()
+    queue = EventsQueue(env, "bench-latency", "payment.recorded")
+    name = queue.name
     # Both on the wall clock, the one PostgreSQL's timestamps use (one machine): the stages of the
     # slowest messages are read between them.
     sent: dict[str, float] = {}
@@ -380,12 +375,7 @@ def latency(env: Environment, numbers: list[str], rate: int, seconds: float, con
     finally:
         stop.set()
         consumer.join(5)
-        # The queue and, on Redis, its binding to invoices.events. Deleting the list alone left the
-        # binding: every later part's relay kept filling a list nobody read, one more per latency
-        # part, each event pushed to all of them (the relay's CPU per event 41 → 105 µs over the
-        # growth curve's three stages).
-        with declared:
-            declared.default_channel.queue_delete(name)
+        queue.delete()
         try:  # what the worker could not keep up with is finished before the next part
             wait(env.queue_drained, 180)
         finally:

@@ -5,23 +5,18 @@ checked to have reached a queue bound to every event."""
 from __future__ import annotations
 
 import time
-import uuid
 
 import psycopg
-from kombu import Connection, Exchange, Producer, Queue
+from kombu import Connection, Producer
 
-from bench.harness import Environment
+from bench.harness import Environment, EventsQueue
 
 
 def run(env: Environment, count: int) -> dict[str, dict[str, float]]:
-    from worker.brokers.relay import EVENTS_EXCHANGE, Relay, broker_connection
+    from worker.brokers.relay import Relay, broker_connection
 
-    name = f"bench-relay-{uuid.uuid4().hex[:6]}"
-    # One consumer queue bound to every event, as in production; declared and deleted on one
-    # connection (on Redis, kombu's delete removes the binding only on the connection that made it).
-    declared = Connection(env.broker_url)
-    Queue(name, Exchange(EVENTS_EXCHANGE.name, type="topic", durable=True), routing_key="#",
-          durable=False)(declared.default_channel).declare()
+    queue = EventsQueue(env, "bench-relay", "#")  # one consumer queue bound to every event, as in production
+    name = queue.name
     results: dict[str, dict[str, float]] = {}
     try:
         for label, pipeline in (("one publish per event", False), ("pipelined batches", True)):
@@ -40,6 +35,5 @@ def run(env: Environment, count: int) -> dict[str, dict[str, float]]:
             results[label] = {"cpu_us": cpu / relay.published * 1e6, "rate": relay.published / seconds,
                               "events": relay.published}
     finally:
-        with declared:
-            declared.default_channel.queue_delete(name)
+        queue.delete()
     return results
