@@ -24,9 +24,10 @@ from worker.storage.bulk_import import import_batch
 BATCH = 200
 
 
-def send(tenant: str, numbers: list[str]) -> dict[str, int]:
-    entries = [{"invoiceNumber": n, "currency": "USD", "lineItems": [{"quantity": "1", "unitPrice": "10.00"}]}
-               for n in numbers]
+def send(tenant: str, numbers: list[str], **fields: Any) -> dict[str, int]:
+    """One import of these invoice numbers (each entry one line of 10.00, and `fields`), in-process."""
+    entries = [{"invoiceNumber": n, "currency": "USD", "lineItems": [{"quantity": "1", "unitPrice": "10.00"}],
+                **fields} for n in numbers]
     message = parse(BulkImport, {"messageId": f"imp-{uuid.uuid4()}", "tenantId": tenant, "batchId": "b",
                                  "invoices": entries})
     return execute("invoices.bulk_import", message, import_batch).extra["counts"]

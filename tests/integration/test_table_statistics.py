@@ -9,12 +9,10 @@ from typing import Any
 
 from sqlalchemy import event, text
 
-from messages.schemas import BulkImport
 from tests.integration.test_batch_plans import entry
+from tests.integration.test_import_plans import send as imported
 from worker.delivery.batching import ACK, apply_batch
-from worker.delivery.handling import execute, parse
 from worker.storage import db, table_statistics
-from worker.storage.bulk_import import import_batch
 
 INVOICES = 1200
 PAID = 30
@@ -22,11 +20,8 @@ PAID = 30
 
 def send(tenant: str, numbers: list[str]) -> dict[str, int]:
     """Imported part paid (as bench/payments.py's setup does), so that payments apply."""
-    entries = [{"invoiceNumber": n, "currency": "USD", "lineItems": [{"quantity": "1", "unitPrice": "100.00"}],
-                "importedInvoiceTotal": "100.00", "importedBalance": "99.00"} for n in numbers]
-    message = parse(BulkImport, {"messageId": f"imp-{uuid.uuid4()}", "tenantId": tenant, "batchId": "b",
-                                 "invoices": entries})
-    return execute("invoices.bulk_import", message, import_batch).extra["counts"]
+    return imported(tenant, numbers, lineItems=[{"quantity": "1", "unitPrice": "100.00"}],
+                    importedInvoiceTotal="100.00", importedBalance="99.00")
 
 
 def invoice_entries_read(tenant: str, first: int) -> int:
@@ -83,6 +78,9 @@ def test_one_analyze_at_a_time(database, monkeypatch):
     """While another worker analyzes (holds the advisory lock), an import goes on without waiting."""
     monkeypatch.setattr(table_statistics, "STALE_ROWS", 1)
     send(f"t-stats-{uuid.uuid4().hex[:6]}", ["N-1", "N-2"])
+    with db.engine().connect() as conn:  # the import's counts are there: only the lock can say no
+        assert conn.execute(text("SELECT n_mod_since_analyze FROM pg_stat_user_tables "
+                                 "WHERE relid = 'invoices'::regclass")).scalar() >= 2
     with db.engine().connect() as other:
         assert other.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": table_statistics.ANALYZE_LOCK}).scalar()
         assert not table_statistics.refresh_if_stale()

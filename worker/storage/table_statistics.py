@@ -46,21 +46,21 @@ def counted_at_commit(session: Session) -> None:
         session.execute(text("SELECT pg_stat_force_next_flush()"))
 
 
-def refresh_if_stale(table: str = "invoices") -> bool:
-    """ANALYZE the table when it changed by STALE_ROWS rows or more since its last; True when it ran."""
+def refresh_if_stale() -> bool:
+    """ANALYZE invoices when it changed by STALE_ROWS rows or more since its last; True when it ran."""
     try:
         with db.engine().connect() as conn:
-            changed = conn.execute(text("SELECT n_mod_since_analyze FROM pg_stat_user_tables WHERE relid = "
-                                        "CAST(:table AS regclass)"), {"table": table}).scalar()
+            changed = conn.execute(text("SELECT n_mod_since_analyze FROM pg_stat_user_tables "
+                                        "WHERE relid = 'invoices'::regclass")).scalar()
             if changed is None or changed < STALE_ROWS:
                 return False
             if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": ANALYZE_LOCK}).scalar():
                 return False  # another worker is analyzing it now
             conn.execute(text(f"SET LOCAL lock_timeout = {ANALYZE_LOCK_WAIT_MS}"))
-            conn.execute(text(f"ANALYZE {table}"))
+            conn.execute(text("ANALYZE invoices"))
             conn.commit()
-            log.info("analyzed %s: %d rows changed since its last ANALYZE", table, changed)
+            log.info("analyzed invoices: %d rows changed since its last ANALYZE", changed)
             return True
     except Exception as exc:  # noqa: BLE001 - the import is committed; autovacuum analyzes it later
-        log.warning("could not analyze %s (%s); autovacuum will", table, exc)
+        log.warning("could not analyze invoices (%s); autovacuum will", exc)
         return False
